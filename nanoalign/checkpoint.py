@@ -1,0 +1,183 @@
+"""HF-compatible checkpoints, atomic writes, and the train state that makes --resume bit-exact.
+
+A checkpoint directory is an ordinary Hugging Face Llama directory (config.json, model.safetensors with HF key
+names, tokenizer.json, tokenizer_config.json), so `transformers` loads it as is. Every file is written to a
+temporary name, fsync'd, then os.replace'd, so a crash never leaves a half-written file behind.
+"""
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .cli import UserError
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn):
+    """Call write_fn(tmp_path), fsync it, then rename over `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_fn(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj):
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, w)
+
+
+def model_state_for_hf(model: Transformer) -> dict:
+    """HF key names; a tied lm_head is dropped; a reward model drops lm_head and keeps score.weight."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.score is not None or model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(out_dir: str, model: Transformer, tokenizer: Tokenizer, dtype=torch.float32):
+    """Write config.json, model.safetensors and the tokenizer files into out_dir, each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    arch = "LlamaForSequenceClassification" if model.score is not None else "LlamaForCausalLM"
+    sd = {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model_state_for_hf(model).items()}
+    cfg = model.cfg.to_hf(arch)
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    tok_tmp = os.path.join(out_dir, f".tok-{os.getpid()}")
+    os.makedirs(tok_tmp, exist_ok=True)
+    tokenizer.save(tok_tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        atomic_write(os.path.join(out_dir, name), lambda tmp, n=name: shutil.copyfile(os.path.join(tok_tmp, n), tmp))
+    shutil.rmtree(tok_tmp)
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+    _fsync_dir(out_dir)
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{cfg_path}: missing config.json (not a model directory)")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return d
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path}: not a valid config ({e})")
+
+
+def read_weights(path: str) -> dict:
+    """model.safetensors, or HF's sharded model-0000x-of-0000y.safetensors with an index."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    files = [single]
+    if not os.path.exists(single) and os.path.exists(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    sd = {}
+    for fp in files:
+        if not os.path.exists(fp):
+            raise UserError(f"{fp}: missing weights file")
+        try:
+            sd.update(load_file(fp))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{fp}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:100]})")
+    return sd
+
+
+def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
+    try:
+        cfg = ModelConfig.from_hf(cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}/config.json: {e}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if any(a.endswith("SequenceClassification") for a in cfg_dict.get("architectures") or []):
+        with torch.device("meta"):
+            model.add_score_head()
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings or model.score is not None:
+        expected.pop("lm_head.weight", None)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if not cfg.tie_word_embeddings and model.score is not None:
+        sd.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise UserError(f"{where}/model.safetensors: missing weight {missing[0]} ({len(missing)} missing in all)")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise UserError(f"{where}/config.json: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
+                            f"the config implies {tuple(v.shape)}")
+    model = model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_state_dict({k: sd[k].float() for k in expected}, strict=False)
+    if model.score is None and not cfg.tie_word_embeddings and "lm_head.weight" not in sd:
+        raise UserError(f"{where}/model.safetensors: missing lm_head.weight")
+    return model
+
+
+def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer]:
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such model directory")
+    model = build_model(read_config(path), read_weights(path), path)
+    tok = Tokenizer.from_dir(path)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{path}/tokenizer.json: vocabulary of {tok.vocab_size} tokens does not fit the model's "
+                        f"embedding of {model.cfg.vocab_size}")
+    return model, tok
+
+
+# --- train state for --resume ----------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Every RNG as tensors/ints, so torch.load(weights_only=True) can read it back (no numpy pickles)."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    st = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)),
+                                                          npst[2], npst[3], npst[4]],
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    v, state, gauss = st["python"]
+    random.setstate((v, tuple(state), gauss))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_train_state(out_dir: str, state: dict):
+    """Write OUT/train_state.pt atomically (state: tensors, numbers, lists, dicts only)."""
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "train_state.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def load_train_state(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "train_state.pt")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no train state to resume from")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises several types for a damaged zip/pickle
+        raise UserError(f"{path}: corrupt train state ({str(e).splitlines()[0][:100]})")

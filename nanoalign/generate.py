@@ -1,0 +1,159 @@
+"""Batched sampling with a preallocated KV cache, left padding, and per-row EOS stopping.
+
+Prompts are left-padded so that every row's next token lands in the same column; positions come from the
+attention mask (cumsum - 1), so a padded row sees exactly the positions it would see alone (pitfall 2).
+
+    python -m nanoalign.generate --model DIR --prompts prompts.jsonl --out completions.jsonl [--temperature 0]
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cli import check, run
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # (B, P+N) left-padded prompt, then the response, right-padded after EOS
+    attention_mask: torch.Tensor  # (B, P+N) 1 on real prompt and response tokens
+    response_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
+    prompt_len: int  # P, the padded prompt width
+
+    def responses(self) -> list[list[int]]:
+        """Generated token ids per row, including the EOS token when the row stopped."""
+        resp = self.sequences[:, self.prompt_len:]
+        return [r[m.bool()].tolist() for r, m in zip(resp, self.response_mask)]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def sample_next(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy. top-k/top-p make the sampling impure (see PPO)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _forward_last(model, ids, mask, cache_pos):
+    """One cached forward; returns the last position's logits (B, V) in fp32."""
+    h = model(ids, attention_mask=mask, cache_pos=cache_pos, return_hidden=True)[:, -1]
+    return model.lm_head(h).float()
+
+
+_compiled_step = None
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+             compile: bool = False) -> Rollout:
+    """Sample up to max_new_tokens per prompt; each row stops at its own EOS."""
+    global _compiled_step
+    pad_id = eos_id if pad_id is None else pad_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, pmask = left_pad(prompts, pad_id)
+    ids, pmask = ids.to(device), pmask.to(device)
+    B, P = ids.shape
+    S = P + max_new_tokens
+    model.setup_cache(B, S)
+    # the cache-wide mask: prompt padding is 0; every generated slot is 1 (causality hides the future ones)
+    mask = torch.cat([pmask, torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], dim=1)
+    step = _forward_last
+    if compile:
+        if _compiled_step is None:
+            _compiled_step = torch.compile(_forward_last, dynamic=False)
+        step = _compiled_step
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    resp_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    logits = _forward_last(model, ids, mask, torch.arange(P, device=device))  # prefill (varied P: not compiled)
+    for t in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[:, t] = nxt
+        resp_mask[:, t] = (~done).long()
+        done = done | (nxt == eos_id)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # sync with the host only every 8 steps
+            break
+        logits = step(model, nxt[:, None], mask, torch.tensor([P + t], device=device))
+    model.clear_cache()
+    model.train(was_training)
+    seq = torch.cat([ids, out], dim=1)
+    return Rollout(seq, torch.cat([pmask, resp_mask], dim=1), resp_mask, P)
+
+
+def generate_texts(model, tok, prompts, max_new_tokens=128, temperature=0.0, seed=0, batch_size=16, top_k=0,
+                   top_p=1.0, compile=False) -> list[str]:
+    """Prompts (strings or message lists) -> completion strings, in input order."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tok.render_prompt(p) for p in prompts[i:i + batch_size]]
+        ro = generate(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature, top_k, top_p, g, compile)
+        texts += [tok.decode(r) for r in ro.responses()]
+    return texts
+
+
+@dataclass
+class Config:
+    """Generate completions for a prompts JSONL file: {"prompt": str or [messages]} -> {"prompt", "completion"}."""
+    model: str = ""  # model: preset, alias, checkpoint dir or .gguf
+    prompts: str = ""  # prompts JSONL
+    out: str = ""  # output JSONL
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    max_new_tokens: int = 128  # per prompt
+    seed: int = 0  # sampling seed
+    batch_size: int = 16  # prompts per batch
+    device: str = "cpu"  # cpu or cuda
+    compile: bool = False  # torch.compile the decode step
+
+
+def main(cfg: Config):
+    from .data import read_prompts
+    from .hub import load
+    check(bool(cfg.model), "--model is required")
+    check(bool(cfg.out), "--out is required")
+    check(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
+    check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
+    check(cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}")
+    check(0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}")
+    rows = read_prompts(cfg.prompts)
+    model, tok = load(cfg.model, cfg.device)
+    t0 = time.time()
+    texts = generate_texts(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                           cfg.batch_size, cfg.top_k, cfg.top_p, cfg.compile)
+    tmp = cfg.out + ".tmp"
+    with open(tmp, "w") as f:
+        for r, t in zip(rows, texts):
+            f.write(json.dumps({"prompt": r["prompt"], "completion": t}) + "\n")
+    os.replace(tmp, cfg.out)
+    print(f"wrote {len(texts)} completions to {cfg.out} in {time.time() - t0:.1f}s")
+    return {"n": len(texts)}
+
+
+if __name__ == "__main__":
+    run(main, Config)

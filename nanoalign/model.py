@@ -1,0 +1,262 @@
+"""One readable Llama-family transformer (SmolLM2, Llama 2/3, TinyLlama, ...).
+
+RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, pre-norm residual.
+Module and parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj`), so a state dict is an HF
+checkpoint and LoRA targets mean what they mean in PEFT. LoRA and NF4 are applied from outside by module swap,
+so this file stays a plain Llama.
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_hf(self, architecture: str = "LlamaForCausalLM") -> dict:
+        d = asdict(self)
+        d.update(architectures=[architecture], model_type="llama", hidden_act="silu", attention_bias=False,
+                 mlp_bias=False, head_dim=self.head_dim, torch_dtype="float32", rope_scaling=None,
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})  # transformers >= 5
+        if architecture == "LlamaForSequenceClassification":
+            d["num_labels"] = 1
+            d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        return d
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        if d.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {d.get('model_type')!r} (only Llama-family models)")
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+        if "rope_theta" not in kw and rope.get("rope_theta") is not None:
+            kw["rope_theta"] = rope["rope_theta"]
+        kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # HF allows lists; we use the first id
+            if isinstance(kw.get(k), list):
+                kw[k] = kw[k][0]
+        return cls(**kw)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, as HF does, then cast back (matters under bf16)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float):
+    """cos/sin tables for positions (B, T) -> each (B, T, head_dim), the HF 'rotate_half' layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, T, D)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """A preallocated cache (gpt-fast style): forward writes new keys/values at `cache_pos`."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos, k, v):
+        # cache_pos: (T,) positions in the buffer; k, v: (B, Hkv, T, D)
+        self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole buffer
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # grouped-query attention: each kv head serves n_heads / n_kv query heads
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The trunk, named as HF's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def build_mask(attention_mask, T: int, S: int, doc_ids=None, cache_pos=None):
+    """Boolean SDPA mask (B, 1, T, S): True where a query may attend to a key.
+
+    attention_mask: (B, S) 1 for real tokens, 0 for padding (key padding, by position, never by token id).
+    doc_ids: (B, T) document index for packed rows; attention never crosses a document boundary.
+    cache_pos: (T,) buffer positions of the queries when decoding with a KV cache.
+    """
+    device = attention_mask.device
+    q_pos = cache_pos if cache_pos is not None else torch.arange(T, device=device)
+    causal = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    # a fully padded query row would give NaN in SDPA; let it see itself (its output is masked out anyway)
+    eye = q_pos[:, None] == torch.arange(S, device=device)[None, :]
+    return (mask | eye[None])[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.score: nn.Linear | None = None  # scalar head of a reward model (HF LlamaForSequenceClassification)
+
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def add_score_head(self, std: float | None = None, seed: int = 0):
+        """Attach a scalar reward head; std 1/sqrt(d+1) as in Ziegler et al. / lm-human-preferences."""
+        d = self.cfg.hidden_size
+        self.score = nn.Linear(d, 1, bias=False).to(self.model.norm.weight.device)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.score.weight.copy_(torch.randn(1, d, generator=g) * (std if std is not None else 1 / math.sqrt(d + 1)))
+        return self.score
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        p = self.model.norm.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim,
+                                               dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None, cache_pos=None,
+                return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, C) with return_hidden.
+
+        attention_mask: (B, T), or (B, S) over the whole KV cache when decoding with cache_pos (T,).
+        position_ids default to attention_mask.cumsum(-1) - 1, which is right for left padding.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            S = T if cache_pos is None else self.model.layers[0].self_attn.kv_cache.k.shape[2]
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            if cache_pos is not None:
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0).gather(1, cache_pos[None].expand(B, -1))
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = build_mask(attention_mask, T, attention_mask.shape[1], doc_ids, cache_pos)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+
+def last_token_index(mask):
+    """Index of the last 1 in each row of a (B, T) mask: where reward and value are read (pitfall 6)."""
+    T = mask.shape[1]
+    pos = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)
+
+
+PRESETS = {
+    # random-init presets for tests and quick experiments; "tiny" uses the byte-level tokenizer (vocab 259)
+    "tiny": dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0),
+    "small": dict(vocab_size=259, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0),
+}
