@@ -31,6 +31,9 @@ def build_parser(cls, prog=None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        if "list" in str(f.type):  # list[str] fields take one or more values: --compare a b c
+            p.add_argument(flag, nargs="+", default=f.default_factory() if callable(f.default_factory) else [])
+            continue
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}.get(
             str(f.type), str)
         if kind is bool:

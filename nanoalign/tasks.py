@@ -1,0 +1,577 @@
+"""The verifiable task suite and its gold judge (IFEval-style: a program, not a person, is the judge).
+
+A prompt is a plain request about a topic plus one to three constraints a program can check, e.g.
+    Describe tea. Write your whole answer in lowercase letters. Include the word "calm".
+The gold score of a response is the fraction of its constraints satisfied; an empty or degenerate response scores 0.
+From one seed, `make` writes SFT demonstrations, off-policy preference pairs (chosen = demonstration, rejected = the
+same answer with one or more constraints broken), PPO prompts, and a held-out eval split whose topics and keywords
+are disjoint from training:
+
+    python -m nanoalign.tasks make --out data/ --seed 0 [--n-sft 2000 --n-prefs 2000 --n-prompts 512 --n-eval 200]
+
+Every row carries its metadata, so `score(response, row)` needs nothing else:
+    {"prompt": str, "constraints": [{"type": FAMILY, "value": ...}, ...], "topic": str, "split": "train"|"eval",
+     "id": str}   (word_limit adds "relation": "at_most"|"at_least"; arithmetic adds "expr": "7 + 5")
+Simplifications: one phrasing per constraint, answers built from a small hand-written sentence bank, and the judge
+checks form, not truth (except for arithmetic).
+"""
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+
+from . import cli
+
+FAMILIES = ("case", "keyword", "avoid", "no_commas", "start", "end", "word_limit", "bullets", "quotes", "json",
+            "arithmetic")
+TEXT_FAMILIES = FAMILIES[:-1]  # arithmetic always stands alone
+# pairs that cannot hold at once: a bulleted answer is not one quoted string, JSON cannot begin with a phrase, ...
+CONFLICTS = {frozenset(p) for p in [("bullets", "quotes"), ("bullets", "json"), ("quotes", "json"),
+                                    ("bullets", "start"), ("bullets", "end"), ("quotes", "start"), ("quotes", "end"),
+                                    ("json", "start"), ("json", "end"), ("json", "word_limit")]}
+
+# ---------------------------------------------------------------------------------------------------- the judge
+_WORD = re.compile(r"\w+(?:['’]\w+)*")  # Unicode-aware; "- ", quotes and JSON braces are not words
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def _has_word(word: str, text: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def check_case(c, r):  # letters only; letters without case (digits, CJK) are ignored
+    letters = [ch for ch in r if ch.isalpha()]
+    wrong = str.isupper if c["value"] == "lower" else str.islower
+    return bool(letters) and not any(wrong(ch) for ch in letters)
+
+
+def check_keyword(c, r):
+    return _has_word(c["value"], r)
+
+
+def check_avoid(c, r):
+    return not _has_word(c["value"], r)
+
+
+def check_no_commas(c, r):
+    return "," not in r and "，" not in r
+
+
+def check_start(c, r):
+    return r.lstrip().startswith(c["value"])
+
+
+def check_end(c, r):
+    return r.rstrip().endswith(c["value"])
+
+
+def check_word_limit(c, r):
+    n = len(words(r))
+    return n <= c["value"] if c["relation"] == "at_most" else n >= c["value"]
+
+
+def check_bullets(c, r):
+    return sum(re.match(r"[ \t]*- +\S", line) is not None for line in r.splitlines()) == c["value"]
+
+
+def check_quotes(c, r):
+    s = r.strip()
+    return len(s) >= 2 and (s[0], s[-1]) in (('"', '"'), ("“", "”"))
+
+
+def check_json(c, r):
+    s = r.strip()
+    fenced = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", s, re.DOTALL)  # ```json ... ```
+    try:
+        obj = json.loads(fenced.group(1) if fenced else s)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and c["value"] in obj
+
+
+def check_arithmetic(c, r):  # the number only; a trailing period and a Unicode minus are tolerated
+    s = r.strip().rstrip(".").strip().replace("\u2212", "-")
+    return re.fullmatch(r"[-+]?\d+(\.\d+)?", s) is not None and float(s) == c["value"]
+
+
+CHECKS = {f: globals()[f"check_{f}"] for f in FAMILIES}
+
+
+def check(constraint: dict, response: str) -> bool:
+    if constraint["type"] not in CHECKS:
+        raise ValueError(f"unknown constraint type {constraint['type']!r}")
+    return CHECKS[constraint["type"]](constraint, response)
+
+
+def _prompt_text(meta: dict) -> str:  # prompt rows hold a string; readers may have turned it into messages
+    p = meta.get("prompt") or meta.get("messages") or ""
+    return p if isinstance(p, str) else " ".join(m["content"] for m in p if m.get("role") == "user")
+
+
+def is_degenerate(response: str, meta: dict) -> bool:
+    """Empty, under 3 words where prose is expected, the prompt repeated back, or one phrase looped."""
+    ws = [w.lower() for w in words(response)]
+    prompt = " ".join(w.lower() for w in words(_prompt_text(meta)))
+    prose = not {c["type"] for c in meta["constraints"]} & {"arithmetic", "json"}
+    return (not response.strip() or (prose and len(ws) < 3)
+            or (prompt != "" and f" {prompt} " in f" {' '.join(ws)} ")
+            or (len(ws) >= 12 and len(set(ws)) < 0.3 * len(ws)))
+
+
+def score(response: str, meta: dict) -> float:
+    """Gold score in [0, 1]: the fraction of meta["constraints"] that `response` satisfies (0 if degenerate)."""
+    cons = meta["constraints"]
+    if is_degenerate(response, meta):
+        return 0.0
+    return sum(check(c, response) for c in cons) / len(cons)
+
+
+def score_by_family(responses: list[str], metas: list[dict]) -> dict[str, float]:
+    """Per family, the fraction of its constraints satisfied across all rows (degenerate responses fail all)."""
+    hits, totals = {}, {}
+    for r, meta in zip(responses, metas, strict=True):
+        bad = is_degenerate(r, meta)
+        for c in meta["constraints"]:
+            totals[c["type"]] = totals.get(c["type"], 0) + 1
+            hits[c["type"]] = hits.get(c["type"], 0) + (not bad and check(c, r))
+    return {f: hits[f] / totals[f] for f in sorted(totals)}
+
+
+# ------------------------------------------------------------------------------------------------------ the bank
+# Each topic: three facts, then one tip. No double quotes; some commas, so that no_commas has work to do.
+TOPICS = {
+    "apples": ("Apples grow on trees and come in thousands of varieties.",
+               "They are rich in fiber and easy to carry as a snack.",
+               "Some apples are sweet, while others are tart and crisp.",
+               "Keep apples in the fridge so they stay crisp for weeks."),
+    "bicycles": ("A bicycle is a two-wheeled vehicle powered by pedaling.",
+                 "Cycling is a cheap way to get around a city.", "Most bikes use a chain to turn the back wheel.",
+                 "Check your tire pressure before every long ride."),
+    "bread": ("Bread is baked from a dough of flour, water and yeast.",
+              "Yeast makes the dough rise by producing small gas bubbles.",
+              "People have been baking bread for thousands of years.",
+              "Let the dough rest in a warm place until it doubles in size."),
+    "bridges": ("A bridge lets people cross rivers, valleys and roads.",
+                "Engineers design bridges to carry heavy loads in strong wind.",
+                "Some famous bridges hang from long steel cables.",
+                "Use the walking path when you cross a large bridge on foot."),
+    "camping": ("Camping means spending nights outdoors, usually in a tent.",
+                "It lets people enjoy nature away from busy cities.",
+                "Campers often cook plain meals over a small stove or fire.",
+                "Test your tent at home before you take it on a trip."),
+    "candles": ("A candle is a block of wax with a wick in the middle.",
+                "The flame melts the wax, which then feeds the fire.",
+                "Before electric lights, candles were a common way to light homes.",
+                "Never leave a burning candle alone in a room."),
+    "cats": ("Cats are small hunters that sleep for much of the day.",
+             "They use their whiskers to judge narrow spaces.", "A cat often purrs when it feels safe and relaxed.",
+             "Give your cat a scratching post to protect your furniture."),
+    "cheese": ("Cheese is made from milk that has been thickened and aged.",
+               "There are hundreds of kinds, from soft brie to hard parmesan.",
+               "Its flavor depends on the milk, the bacteria and the aging time.",
+               "Wrap cheese in wax paper so it can breathe in the fridge."),
+    "chess": ("Chess is a strategy game for two players on a board of sixty-four squares.",
+              "Each player starts with sixteen pieces, including one king.",
+              "The goal is to trap the other king, which is called checkmate.",
+              "Try to control the center of the board early in the game."),
+    "clouds": ("Clouds are made of tiny water droplets or ice crystals floating in the air.",
+               "Flat gray clouds often bring long periods of rain.", "Tall, puffy clouds can grow into thunderstorms.",
+               "Watch the clouds in the afternoon to guess the coming weather."),
+    "coffee": ("Coffee is brewed from roasted and ground coffee beans.",
+               "It contains caffeine, which helps many people feel awake.",
+               "The beans grow inside red fruit called coffee cherries.",
+               "Store coffee beans in a sealed jar away from light and heat."),
+    "deserts": ("A desert is a place that gets very little rain each year.",
+                "Days in the desert can be hot, while nights are often cold.",
+                "Cactuses store water in their thick stems to survive dry months.",
+                "Carry more water than you think you need when hiking in a desert."),
+    "dogs": ("Dogs were the first animals that humans tamed.",
+             "They have a strong sense of smell and can learn many commands.",
+             "Most dogs need daily exercise, attention and play.",
+             "Reward your dog right away when it follows a command."),
+    "elephants": ("Elephants are the largest land animals on Earth.",
+                  "They use their trunks to drink, smell, lift things and greet each other.",
+                  "Elephants live in close family groups led by the oldest female.",
+                  "Choose tours that protect elephants rather than ones that offer rides."),
+    "forests": ("A forest is a large area covered mostly by trees.",
+                "Forests clean the air and give homes to countless animals.",
+                "Tropical rainforests hold more kinds of life than any other land habitat.",
+                "Stay on marked trails when you hike through a forest."),
+    "frogs": ("Frogs are amphibians that live both in water and on land.",
+              "They begin life as tadpoles that breathe with gills.",
+              "Many frogs catch insects with a long, sticky tongue.",
+              "Build a small pond in your garden to invite frogs to visit."),
+    "gardening": ("Gardening means growing plants such as flowers, herbs and vegetables.",
+                  "Rich soil gives plants the food and water they need.",
+                  "Many people find that working in a garden lowers stress.",
+                  "Water your plants early in the morning when it is cool."),
+    "honey bees": ("Honey bees live in large colonies led by a single queen.",
+                   "They collect nectar from flowers and turn it into honey.",
+                   "Bees help many crops grow by carrying pollen between flowers.",
+                   "Plant flowers that bloom at different times to help local bees."),
+    "kites": ("A kite is a light frame covered with cloth or paper that flies on the wind.",
+              "People in China were flying kites more than two thousand years ago.",
+              "A long tail helps a kite stay stable in the air.",
+              "Fly your kite in an open field far from power lines."),
+    "libraries": ("A library lends books, films and other materials for free.",
+                  "Many libraries also offer silent rooms for study.",
+                  "Librarians help visitors find the information they need.",
+                  "Get a library card to borrow books and use online services."),
+    "lighthouses": ("A lighthouse is a tower with a strong light that guides ships.",
+                    "Each lighthouse flashes in its own pattern so sailors can tell them apart.",
+                    "Today, most lighthouses run automatically without a keeper.",
+                    "Check the opening hours before you visit a lighthouse, since many close in winter."),
+    "maps": ("A map is a drawing that shows where places are.",
+             "Most maps use a scale, so a short line stands for a long distance.",
+             "Symbols on a map show roads, rivers, towns and parks.",
+             "Find the legend first so you know what each symbol means."),
+    "mushrooms": ("Mushrooms are the fruit of fungi that grow in soil or on wood.",
+                  "Some mushrooms are tasty, while others are highly poisonous.",
+                  "Fungi help break down dead plants and return food to the soil.",
+                  "Never eat a wild mushroom unless an expert has identified it."),
+    "music": ("Music combines rhythm, melody and harmony into sound that people enjoy.",
+              "Almost every culture in the world has its own musical traditions.",
+              "Playing an instrument can improve memory and focus.",
+              "Practice a little every day rather than for hours once a week."),
+    "owls": ("Owls are birds that mostly hunt at night.",
+             "Their large eyes and sharp hearing help them find prey in the dark.",
+             "An owl can turn its head much farther than a human can.",
+             "Listen for owls at dusk in still woods or open fields."),
+    "painting": ("Painting is the art of putting color on a surface to make a picture.",
+                 "Artists use oils, watercolors or acrylics, depending on the effect they want.",
+                 "A painting can show a real scene or a feeling.",
+                 "Start with a rough sketch before you add any paint."),
+    "pencils": ("A pencil writes with a core of graphite mixed with clay.",
+                "Unlike ink, pencil marks can be erased with ease.", "The wooden case is often painted yellow.",
+                "Use a soft pencil for sketching and a hard one for fine lines."),
+    "penguins": ("Penguins are birds that cannot fly but swim very well.",
+                 "Most penguins live in the cold waters of the Southern Hemisphere.",
+                 "Their black and white feathers help hide them from predators in the sea.",
+                 "Visit an aquarium to watch penguins swim up close."),
+    "rain": ("Rain forms when water droplets in clouds grow heavy and fall.",
+             "Plants, rivers and lakes all depend on regular rainfall.", "A light rain is often called a drizzle.",
+             "Carry a small umbrella when the sky looks gray."),
+    "recycling": ("Recycling turns used materials into new products.",
+                  "Paper, glass, metal and some plastics can often be recycled.",
+                  "It saves energy and reduces the waste sent to landfills.",
+                  "Rinse bottles and cans before you put them in the recycling bin."),
+    "rice": ("Rice is a grain that feeds more than half of the people on Earth.",
+             "It grows best in flooded fields called paddies.",
+             "There are many types, such as long grain, short grain and brown rice.",
+             "Rinse rice in cold water before cooking to remove extra starch."),
+    "rivers": ("A river is a large stream of fresh water that flows toward the sea.",
+               "Rivers shape valleys by slowly carrying away soil and rock.",
+               "Many great cities grew up along the banks of rivers.",
+               "Wear a life jacket whenever you paddle on a river."),
+    "saving money": ("Saving money means putting aside part of what you earn.",
+                     "Savings can cover surprise costs, like a broken phone or car repair.",
+                     "Money in a savings account can slowly grow through interest.",
+                     "Move a small amount into savings each time you get paid."),
+    "sleep": ("Sleep gives the body and the brain time to rest and repair.",
+              "Most adults need about seven to nine hours each night.",
+              "During deep sleep, the brain sorts and stores memories.",
+              "Go to bed at the same time every night, even on weekends."),
+    "snow": ("Snow forms when water vapor freezes into ice crystals high in the clouds.",
+             "Every snowflake has six sides, but no two look exactly alike.",
+             "Fresh snow is very good at absorbing sound.",
+             "Wear warm layers and waterproof boots when you walk in snow."),
+    "soap": ("Soap is made by mixing fats or oils with a strong base.",
+             "It helps water lift away dirt, grease and germs.",
+             "Washing hands with soap is one of the best ways to prevent illness.",
+             "Scrub your hands with soap for at least twenty seconds."),
+    "stars": ("Stars are huge balls of hot gas that shine with their own light.",
+              "The closest star to us, other than the sun, is over four light years away.",
+              "Stars can look red, yellow, white or blue depending on their heat.",
+              "Go far from city lights to see more stars at night."),
+    "swimming": ("Swimming works almost every muscle in the body.",
+                 "It is easy on the joints, so people of all ages can enjoy it.",
+                 "Common strokes include freestyle, backstroke and breaststroke.",
+                 "Always swim in areas watched by a lifeguard."),
+    "tea": ("Tea is made by steeping dried leaves in hot water.", "Green tea and black tea come from the same plant.",
+            "In many countries, sharing a pot of tea is a daily custom.",
+            "Steep green tea for about two minutes so it does not turn bitter."),
+    "the moon": ("The moon orbits the Earth about once every month.",
+                 "Its light is sunlight reflected from a dusty, rocky surface.",
+                 "The pull of the moon causes the ocean tides.", "Use binoculars to see craters on the moon at night."),
+    "the ocean": ("The ocean covers about seventy percent of the surface of the Earth.",
+                  "It is home to whales, fish, coral and countless tiny creatures.",
+                  "Ocean currents move heat around the planet and shape the weather.",
+                  "Take your trash home after a day at the beach."),
+    "the sun": ("The sun is a star at the center of our solar system.",
+                "Its light takes about eight minutes to reach the Earth.",
+                "Plants use sunlight to make their food through photosynthesis.",
+                "Wear sunscreen on sunny days, even when it is cool outside."),
+    "tomatoes": ("Tomatoes are the fruit of a plant that first grew in South America.",
+                 "They are used in sauces, soups, salads and many other dishes.",
+                 "Tomatoes need plenty of sun and regular water to ripen.",
+                 "Keep ripe tomatoes on the counter because the fridge dulls their flavor."),
+    "trains": ("Trains carry people and goods along steel rails.",
+               "A single freight train can move as much as hundreds of trucks.",
+               "Early trains were pulled by steam engines that burned coal.",
+               "Book train tickets early to get a lower fare."),
+    "umbrellas": ("An umbrella is a folding canopy that protects you from rain or sun.",
+                  "Early umbrellas were used mainly for shade in hot countries.",
+                  "Modern umbrellas often fold small enough to fit in a bag.",
+                  "Open a wet umbrella to dry so the fabric does not get moldy."),
+    "volcanoes": ("A volcano is an opening where melted rock escapes from inside the Earth.",
+                  "When a volcano erupts, it can throw out ash, gas and lava.",
+                  "Some islands, like Hawaii, were built by volcanoes.",
+                  "Always follow official warnings when visiting an active volcano."),
+    "walking": ("Walking is one of the easiest ways to stay active.",
+                "A daily walk can improve your mood, heart and sleep.",
+                "It needs no special equipment besides comfortable shoes.",
+                "Take a short walk after meals to help your digestion."),
+    "wind power": ("Wind power uses large turbines to turn moving air into electricity.",
+                   "It produces no smoke, so it helps keep the air clean.",
+                   "Wind farms are often built on hills, plains or out at sea.",
+                   "Check local wind maps before choosing a site for a small turbine."),
+}
+KEYWORDS = ("bright", "calm", "charming", "cheerful", "classic", "clever", "cozy", "curious", "elegant", "fresh",
+            "friendly", "gentle", "graceful", "handy", "humble", "lively", "lovely", "modern", "neat", "peaceful",
+            "pleasant", "practical", "quiet", "reliable", "simple", "steady", "sturdy", "tidy", "useful", "vivid")
+KEYWORD_SENTENCES = ("Overall it feels {}.", "Many people find it {}.", "In short it is {}.")
+START_PHRASES = ("Sure thing.", "Here is my answer.", "Good question.", "Happy to help.", "Let me explain.")
+END_PHRASES = ("Hope this helps.", "That is all.", "Thanks for asking.", "Have a nice day.", "That sums it up.")
+JSON_KEYS = ("answer", "summary", "text", "reply", "response")
+DESCRIBE = ("Describe {}.", "Tell me about {}.", "Explain {} in simple terms.", "Write a short note about {}.",
+            "What should I know about {}?")
+TIP = ("Give one tip about {}.", "Share a helpful tip about {}.")
+_STOP = set("""about after also always away been before being both called cannot does each even every from have
+    into just like made make many more most much need needs often only other others over rather same some such than
+    that their them then there they this those through used uses very well were what when where which while with
+    without your""".split())
+# words an "avoid" constraint never names: function words and every word of our own templates and phrases
+_NEVER_AVOID = _STOP | set(re.findall(r"[a-z]+", " ".join(
+    KEYWORD_SENTENCES + START_PHRASES + END_PHRASES + JSON_KEYS + DESCRIBE + TIP).lower()))
+
+
+def _split(names, every):  # fixed and seed-independent: every `every`-th name in sorted order is held out
+    names = sorted(names)
+    return {"train": [n for i, n in enumerate(names) if i % every != every - 1],
+            "eval": [n for i, n in enumerate(names) if i % every == every - 1]}
+
+
+TOPIC_SPLIT, KEYWORD_SPLIT = _split(TOPICS, 6), _split(KEYWORDS, 5)
+# eval "avoid" words come from outside the training vocabulary, so they are held out as well
+TRAIN_VOCAB = {w for t in TOPIC_SPLIT["train"] for s in TOPICS[t] for w in re.findall(r"[a-z]+", s.lower())}
+
+
+# ------------------------------------------------------------------------------------- demonstrations and pairs
+def describe(c: dict) -> str:
+    """The prompt sentence that states constraint `c`."""
+    t, v = c["type"], c.get("value")
+    return {"case": f"Write your whole answer in {'lowercase' if v == 'lower' else 'capital'} letters.",
+            "keyword": f'Include the word "{v}".', "avoid": f'Do not use the word "{v}".',
+            "no_commas": "Do not use any commas.", "start": f'Begin your answer with the exact phrase "{v}"',
+            "end": f'End your answer with the exact phrase "{v}"',
+            "word_limit": f"Use at {'most' if c.get('relation') == 'at_most' else 'least'} {v} words.",
+            "bullets": f'Answer with exactly {v} bullet points that start with "- ".',
+            "quotes": "Wrap your whole answer in double quotes.",
+            "json": f'Answer with a JSON object that has the key "{v}".'}[t]
+
+
+def _render(plan: dict, body: list[str], broken=frozenset()) -> str:
+    """Turn base sentences into a response that satisfies every constraint except those in `broken`."""
+    c = {x["type"]: x["value"] for x in plan["constraints"]}
+    body = list(body)
+    if "avoid" in broken:  # slip in the sentence that uses the word, keeping the number of sentences
+        body = body[:-1] + [plan["avoid_sentence"]] if len(body) > 1 else body + [plan["avoid_sentence"]]
+    if "bullets" in broken and len(body) == c["bullets"]:
+        body = body[:-1]  # one bullet short (a cut-down body may already be short)
+    if "keyword" in c and "keyword" not in broken:
+        body[-1] += " " + plan["keyword_sentence"]
+    if "no_commas" in c and "no_commas" not in broken:
+        body = [s.replace(",", "") for s in body]
+    elif "no_commas" in broken and not any("," in s for s in body):
+        body[0] = "Well, " + body[0][0].lower() + body[0][1:]
+    pieces = body if "bullets" in c else [" ".join(body)]
+    if "start" in c and "start" not in broken:
+        pieces[0] = c["start"] + " " + pieces[0]
+    if "end" in c and "end" not in broken:
+        pieces[-1] += " " + c["end"]
+    if "case" in c and "case" not in broken:
+        pieces = [p.lower() if c["case"] == "lower" else p.upper() for p in pieces]
+    if "bullets" in c:
+        return "\n".join("- " + p for p in pieces)
+    text = pieces[0]
+    if "quotes" in c and "quotes" not in broken:
+        text = f'"{text}"'
+    if "json" in c and "json" not in broken:
+        text = json.dumps({c["json"]: text}, ensure_ascii=False)
+    return text
+
+
+def _break_length(plan: dict, limit: dict, broken) -> list[str]:
+    """Base sentences whose rendering violates the word limit: more sentences, or one short cut-down sentence."""
+    body = plan["body"]
+    if limit["relation"] == "at_most":
+        more = plan["extras"] + body
+        tries = [body + more[:j] for j in range(1, len(more) + 1)]
+    else:
+        ws = min(body, key=lambda s: len(words(s))).rstrip(".").split()
+        tries = [[" ".join(ws[:m]) + "."] for m in range(len(ws), 2, -1)]
+    return next((b for b in tries if not check(limit, _render(plan, b, broken))), tries[-1])
+
+
+def _reject(rng: random.Random, plan: dict, meta: dict, chosen: str) -> str:
+    """A plausible response that breaks at least one constraint: usually one, sometimes all (the raw base text)."""
+    fams = [c["type"] for c in meta["constraints"]]
+    attempts = ([set(fams)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(fams, len(fams))] + [set(fams)]
+    limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
+    for broken in attempts:
+        body = _break_length(plan, limit, broken) if "word_limit" in broken else plan["body"]
+        text = _render(plan, body, broken)
+        if text != chosen and score(text, meta) < 1:
+            return text
+    raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")
+
+
+def _text_task(rng: random.Random, split: str):
+    """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
+    topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
+    fams = []
+    for f in rng.sample(TEXT_FAMILIES, len(TEXT_FAMILIES)):
+        if len(fams) < want and all(frozenset((f, g)) not in CONFLICTS for g in fams):
+            fams.append(f)
+    facts, tip = list(TOPICS[topic][:3]), TOPICS[topic][3]
+    rng.shuffle(facts)
+    is_tip = "bullets" not in fams and rng.random() < 0.3
+    pool = [tip] + facts if is_tip else facts + [tip]  # the natural order to draw sentences in
+    request = rng.choice(TIP if is_tip else DESCRIBE).format(topic)
+    v = {"no_commas": True, "quotes": True}
+    v["case"] = "lower" if "json" in fams else rng.choice(("lower", "upper"))  # the JSON key is lowercase
+    recase = {"lower": str.lower, "upper": str.upper}[v["case"]] if "case" in fams else str
+    v["start"], v["end"] = recase(rng.choice(START_PHRASES)), recase(rng.choice(END_PHRASES))
+    v["json"], relation = rng.choice(JSON_KEYS), rng.choice(("at_most", "at_least"))
+    n = (rng.randint(2, 3 if "avoid" in fams else 4) if "bullets" in fams
+         else rng.randint(2, 3) if "word_limit" in fams and relation == "at_least" else rng.randint(1, 2))
+    v["bullets"] = n
+    pool_words = set(re.findall(r"[a-z]+", " ".join(pool).lower()))
+    keywords = [k for k in KEYWORD_SPLIT[split] if k not in pool_words]
+    v["keyword"], kw_sentence = rng.choice(keywords), rng.choice(KEYWORD_SENTENCES)
+    body, avoid_sentence = pool[:n], None
+    if "avoid" in fams:  # a content word the natural answer would use, with enough sentences left without it
+        banned = _NEVER_AVOID | set(topic.split()) | (TRAIN_VOCAB if split == "eval" else set())
+        usable = lambda w: (w not in banned and sum(not _has_word(w, s) for s in pool) >= n
+                            and not (is_tip and _has_word(w, tip)))  # a tip request keeps its tip
+        cands = sorted({w for s in pool[:n + is_tip] for w in re.findall(r"[a-z]{4,}", s.lower()) if usable(w)})
+        cands = cands or sorted({w for w in pool_words if len(w) >= 4 and usable(w)})
+        if not cands:
+            return None
+        v["avoid"] = rng.choice(cands)
+        body = [s for s in pool if not _has_word(v["avoid"], s)][:n]
+        avoid_sentence = next(s for s in pool if _has_word(v["avoid"], s))
+    cons = [{"type": f, "value": v.get(f)} for f in fams]
+    plan = {"constraints": cons, "body": body, "extras": [s for s in pool if s not in body],
+            "avoid_sentence": avoid_sentence, "keyword_sentence": kw_sentence.format(v["keyword"])}
+    chosen = _render(plan, body)
+    for c in cons:  # the limit is set from the demonstration, rounded to a multiple of 5 on the safe side
+        if c["type"] == "word_limit":
+            wc = len(words(chosen))
+            c["relation"] = relation
+            c["value"] = -(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most" else max(5, wc // 5 * 5)
+    meta = {"prompt": request + " " + " ".join(describe(c) for c in cons), "constraints": cons, "topic": topic,
+            "split": split}
+    return meta, chosen, _reject(rng, plan, meta, chosen)
+
+
+def _arith_split(a: int, op: str, b: int) -> str:  # fixed, so eval problems never appear in training
+    return "eval" if (7 * a + 3 * b + "+-*".index(op)) % 5 == 0 else "train"
+
+
+def _arithmetic_task(rng: random.Random, split: str):
+    while True:
+        op = rng.choice("+-*")
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 40), rng.randint(2, 40))
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # no negative answers
+        if _arith_split(a, op, b) == split:
+            break
+    answer, expr = (a + b if op == "+" else a - b if op == "-" else a * b), f"{a} {op} {b}"
+    meta = {"prompt": rng.choice(("What is {}?", "Compute {}.")).format(expr) + " Reply with the number only.",
+            "constraints": [{"type": "arithmetic", "value": answer, "expr": expr}], "topic": "arithmetic",
+            "split": split}
+    rejected = rng.choice((f"The answer is {answer}.", f"{expr} = {answer}", str(answer + rng.choice((-2, -1, 1, 10)))))
+    return meta, str(answer), rejected
+
+
+def sample_example(rng: random.Random, split: str) -> tuple[dict, str, str]:
+    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response)."""
+    if rng.random() < 0.1:
+        return _arithmetic_task(rng, split)
+    while (out := _text_task(rng, split)) is None:
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- files
+def _write_jsonl(path: str, rows: list[dict]):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200) -> dict[str, int]:
+    """Write sft/prefs/prompts/eval .jsonl into `out`, deterministically from `seed`; returns rows per file."""
+    os.makedirs(out, exist_ok=True)
+    counts = {}
+    for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
+                           ("eval", "eval", n_eval)):
+        rng, rows, seen = random.Random(f"{seed}/{name}"), [], set()  # str seeds hash with sha512: stable
+        for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
+            if len(rows) == n:
+                break
+            meta, chosen, rejected = sample_example(rng, split)
+            if meta["prompt"] in seen:
+                continue
+            seen.add(meta["prompt"])
+            rid, rest = f"{name}-{len(rows)}", {k: meta[k] for k in ("constraints", "topic", "split")}
+            if name == "sft":
+                turns = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": chosen}]
+                rows.append({"messages": turns, **rest, "id": rid})
+            elif name == "prefs":
+                rows.append({"prompt": meta["prompt"], "chosen": chosen, "rejected": rejected, **rest, "id": rid})
+            else:  # prompts for PPO; eval rows also keep the demonstration as a reference answer
+                rows.append({**meta, **({"reference": chosen} if name == "eval" else {}), "id": rid})
+        _write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
+        counts[name] = len(rows)
+    return counts
+
+
+@dataclasses.dataclass
+class MakeConfig:
+    out: str = ""  # output directory for sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl
+    seed: int = 0  # everything is a deterministic function of this seed
+    n_sft: int = 2000  # SFT demonstrations
+    n_prefs: int = 2000  # off-policy preference pairs
+    n_prompts: int = 512  # PPO prompts
+    n_eval: int = 200  # held-out eval prompts (disjoint topics and keywords)
+
+
+def _make_main(cfg: MakeConfig) -> dict[str, int]:
+    cli.check(cfg.out != "", "--out is required")
+    cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
+    for f in ("n_sft", "n_prefs", "n_prompts", "n_eval"):
+        cli.check(getattr(cfg, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval)
+    for name, k in counts.items():
+        print(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}")
+    return counts
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "make":
+        print("error: usage: python -m nanoalign.tasks make --out DIR [--seed S] [--n-sft N] [--n-prefs N] "
+              "[--n-prompts N] [--n-eval N]", file=sys.stderr)
+        sys.exit(2)
+    return cli.run(_make_main, MakeConfig, argv[1:])
+
+
+if __name__ == "__main__":
+    main()
