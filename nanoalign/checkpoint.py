@@ -30,10 +30,15 @@ def _fsync_dir(path):
 def atomic_write(path: str, write_fn):
     """Call write_fn(tmp_path), fsync it, then rename over `path`."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    write_fn(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves the previous file and no half-written temporary behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, obj):
@@ -102,15 +107,15 @@ def read_weights(path: str) -> dict:
 
 
 def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
+    cfg_file, w_file = (where, where) if where.endswith(".gguf") else (f"{where}/config.json",
+                                                                         f"{where}/model.safetensors")
     try:
         cfg = ModelConfig.from_hf(cfg_dict)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}/config.json: {e}")
-    with torch.device("meta"):
-        model = Transformer(cfg)
+        raise UserError(f"{cfg_file}: {e}")
+    model = Transformer(cfg)  # (plain CPU init: the meta device would pull in torch._dynamo, slower overall)
     if any(a.endswith("SequenceClassification") for a in cfg_dict.get("architectures") or []):
-        with torch.device("meta"):
-            model.add_score_head()
+        model.add_score_head()
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings or model.score is not None:
         expected.pop("lm_head.weight", None)
@@ -119,17 +124,14 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
         sd.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(sd))
     if missing:
-        raise UserError(f"{where}/model.safetensors: missing weight {missing[0]} ({len(missing)} missing in all)")
+        raise UserError(f"{w_file}: missing weight {missing[0]} ({len(missing)} missing in all)")
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{where}/config.json: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
+            raise UserError(f"{cfg_file}: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
                             f"the config implies {tuple(v.shape)}")
-    model = model.to_empty(device="cpu")
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.load_state_dict({k: sd[k].float() for k in expected}, strict=False)
     if model.score is None and not cfg.tie_word_embeddings and "lm_head.weight" not in sd:
-        raise UserError(f"{where}/model.safetensors: missing lm_head.weight")
+        raise UserError(f"{w_file}: missing lm_head.weight")
     return model
 
 

@@ -111,7 +111,10 @@ def load_gguf(path: str):
         sd[key] = w
     model = build_model(ModelConfig(**cfg).to_hf(), sd, path)
     specials = [t for t, ty in zip(tokens, types) if ty == 3]  # token type 3 = control
-    return model, gguf_tokenizer(list(tokens), list(merges), specials, f.get("tokenizer.chat_template"))
+    try:
+        return model, gguf_tokenizer(list(tokens), list(merges), specials, f.get("tokenizer.chat_template"))
+    except UserError as e:  # name the file
+        raise UserError(f"{path}: {e}")
 
 
 def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):

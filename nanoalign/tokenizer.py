@@ -122,7 +122,10 @@ class Tokenizer:
             template, max_len = cfg.get("chat_template"), cfg.get("model_max_length", 8192)
             if not isinstance(max_len, int) or max_len > 10**7:
                 max_len = 8192
-        return cls(tok, default_system_from_template(template), max_len)
+        try:
+            return cls(tok, default_system_from_template(template), max_len)
+        except UserError as e:  # name the file
+            raise UserError(f"{tj}: {e}")
 
 
 def bytes_to_unicode() -> dict[int, str]:
