@@ -144,10 +144,12 @@ def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref
     if cfg.judge != "gold":
         res["judge_mean"] = sum(scores) / len(scores)
     if ref is not None:
-        lp, cnt = response_logprobs(model, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
-        rlp, _ = response_logprobs(ref, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
-        # per-token KL(pi || ref) estimated on pi's own samples (k1, unbiased; >= 0 on average under pure sampling)
-        res["kl"] = sum(a - b for a, b in zip(lp, rlp)) / max(sum(cnt), 1)
+        res["kl"] = None  # greedy decoding is a point mass: its KL to ref is not a number worth reporting
+        if cfg.temperature > 0:
+            lp, cnt = response_logprobs(model, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
+            rlp, _ = response_logprobs(ref, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
+            # per-token KL(pi || ref) estimated on pi's own samples (k1, unbiased; >= 0 on average, pitfall 5)
+            res["kl"] = sum(a - b for a, b in zip(lp, rlp)) / max(sum(cnt), 1)
         res.update(win_rate(scores, ref_scores, [len(s[1]) for s in samples], [len(s[1]) for s in ref_samples]))
     res["examples"] = [{"prompt": r["prompt"], "completion": t} for r, t in zip(rep_rows[:3], texts[:3])]
     res["eval_s"] = round(time.time() - t0, 1)
@@ -160,13 +162,14 @@ def best_of_n(model, tok, rows, judge, cfg) -> tuple[dict, list]:
     k = cfg.best_of_n
     rep_rows = [r for r in rows for _ in range(k)]
     scores = judge(rep_rows, [s[2] for s in samples])
-    best = []
+    best, best_scores = [], []
     for i, r in enumerate(rows):
         j = max(range(k), key=lambda j: scores[i * k + j])
+        best_scores.append(scores[i * k + j])
         best.append({"messages": _msgs(r["prompt"]) + [{"role": "assistant", "content": samples[i * k + j][2]}],
                      "constraints": r.get("constraints")})
     gold = [gold_score(b["messages"][-1]["content"], r) for b, r in zip(best, rows)] \
-        if all("constraints" in r for r in rows) else [scores[i * k] for i in range(len(rows))]
+        if all("constraints" in r for r in rows) else best_scores
     m, se = mean_stderr(gold)
     return {"best_of_n": k, "best_of_n_gold_mean": m, "best_of_n_gold_stderr": se}, best
 
@@ -223,8 +226,13 @@ def main(cfg: Config) -> dict:
     from .data import read_prompts
     from .hub import load
     check(bool(cfg.model) != bool(cfg.compare), "give exactly one of --model or --compare")
-    check(cfg.samples > 0 and cfg.batch_size > 0 and cfg.max_new_tokens > 0 and cfg.limit >= 0
-          and cfg.best_of_n >= 0, "--samples, --batch-size and --max-new-tokens must be > 0")
+    check(cfg.samples > 0 and cfg.batch_size > 0 and cfg.max_new_tokens > 0,
+          "--samples, --batch-size and --max-new-tokens must be > 0")
+    check(cfg.limit >= 0 and cfg.best_of_n >= 0, "--limit and --best-of-n must be >= 0")
+    check(not cfg.write_best or cfg.best_of_n > 0, "--write-best needs --best-of-n N")
+    check(not cfg.prefs or cfg.judge != "gold", "--prefs (RM accuracy) needs a reward model as --judge")
+    for path in (cfg.out, cfg.write_best):
+        check(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))), f"{path}: directory does not exist")
     check(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
     rows = read_prompts(cfg.prompts)[:cfg.limit or None]
     specs = cfg.compare or [cfg.model]
@@ -256,12 +264,13 @@ def main(cfg: Config) -> dict:
     if cfg.judge != "gold" and cfg.prefs:
         results["rm"] = rm_accuracy(cfg.judge, cfg.prefs, cfg.device)
     print(format_table({k: v for k, v in results.items() if "gold_mean" in v}))
+    out = results if cfg.compare else {**results[named[0][0]], **results.get("rm", {})}
     if cfg.out:
         tmp = cfg.out + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(results if cfg.compare else results[named[0][0]], f, indent=2)
+            json.dump(out, f, indent=2)
         os.replace(tmp, cfg.out)
-    return results if cfg.compare else results[named[0][0]]
+    return out
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ are disjoint from training:
 
     python -m nanoalign.tasks make --out data/ --seed 0 [--n-sft 2000 --n-prefs 2000 --n-prompts 512 --n-eval 200]
 
+From a model, `pairs` makes on-policy preference pairs, UltraFeedback style (k samples, judged; best vs worst):
+
+    python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --k 4 --out pairs.jsonl \
+        [--judge gold|RM_DIR] [--label-noise T] [--temperature 1.0] [--max-new-tokens 96] [--seed S] [--limit N]
+
 Every row carries its metadata, so `score(response, row)` needs nothing else:
     {"prompt": str, "constraints": [{"type": FAMILY, "value": ...}, ...], "topic": str, "split": "train"|"eval",
      "id": str}   (word_limit adds "relation": "at_most"|"at_least"; arithmetic adds "expr": "7 + 5")
@@ -17,6 +22,7 @@ checks form, not truth (except for arithmetic).
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -543,6 +549,75 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
     return counts
 
 
+# ---------------------------------------------------------------------------------------- on-policy pairs
+def best_vs_worst(rows: list[dict], texts: list[str], scores: list[float], k: int, label_noise: float = 0.0,
+                  seed: int = 0) -> tuple[list[dict], dict]:
+    """UltraFeedback-style pairs from k judged completions per row (prompt-major): best is chosen, worst rejected.
+
+    A tie (best score == worst score, or the same text) carries no preference and is dropped. With label_noise T > 0,
+    each pair is flipped with the Bradley-Terry probability 1 - sigmoid((s_best - s_worst) / T): annotators who
+    disagree more often the closer the two responses are (T -> inf: a coin flip; T = 0: never).
+    """
+    rng, pairs, ties, flipped = random.Random(f"{seed}/label-noise"), [], 0, 0
+    for i, row in enumerate(rows):
+        group = list(zip(scores[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]))
+        (hi, best), (lo, worst) = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+        if hi == lo or best == worst:
+            ties += 1
+            continue
+        flip = label_noise > 0 and rng.random() < 1 - 1 / (1 + math.exp(-(hi - lo) / label_noise))
+        flipped += flip
+        (c, sc), (r, sr) = ((worst, lo), (best, hi)) if flip else ((best, hi), (worst, lo))
+        meta = {key: v for key, v in row.items() if key not in ("prompt", "line", "reference")}
+        pairs.append({"prompt": row["prompt"], "chosen": c, "rejected": r, **meta, "chosen_score": sc,
+                      "rejected_score": sr})
+    return pairs, {"pairs": len(pairs), "ties": ties, "flipped": flipped, "prompts": len(rows)}
+
+
+@dataclasses.dataclass
+class PairsConfig:
+    model: str = ""  # policy to sample from (preset, alias, checkpoint dir, .gguf)
+    prompts: str = ""  # prompts JSONL (with task metadata for the gold judge)
+    out: str = ""  # output preference JSONL: prompt, chosen, rejected, the prompt's metadata, both scores
+    k: int = 4  # completions sampled per prompt
+    temperature: float = 1.0  # sampling temperature (> 0: k greedy samples would be identical)
+    max_new_tokens: int = 96  # per completion
+    seed: int = 0  # sampling and label-noise seed
+    label_noise: float = 0.0  # Bradley-Terry temperature T of annotator noise (0 = clean labels)
+    judge: str = "gold"  # gold, or a reward-model checkpoint dir
+    limit: int = 0  # use only the first N prompts (0 = all)
+    batch_size: int = 16  # generation batch
+    device: str = "cpu"  # cpu or cuda
+
+
+def _pairs_main(cfg: PairsConfig) -> dict:
+    from .data import read_prompts
+    from .evaluate import make_judge, sample
+    from .hub import load
+    for f in ("model", "prompts", "out"):
+        cli.check(getattr(cfg, f) != "", f"--{f} is required")
+    cli.check(cfg.k >= 2, f"--k must be >= 2, got {cfg.k}")
+    cli.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    cli.check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
+    cli.check(cfg.label_noise >= 0, f"--label-noise must be >= 0, got {cfg.label_noise}")
+    cli.check(cfg.limit >= 0 and cfg.batch_size > 0, "--limit must be >= 0 and --batch-size > 0")
+    rows = read_prompts(cfg.prompts)[:cfg.limit or None]
+    judge = make_judge(cfg.judge, cfg.device)
+    model, tok = load(cfg.model, cfg.device)
+    samples = sample(model.eval(), tok, [r["prompt"] for r in rows], cfg.k, cfg.temperature, cfg.max_new_tokens,
+                     cfg.seed, cfg.batch_size)
+    texts = [s[2] for s in samples]
+    scores = judge([r for r in rows for _ in range(cfg.k)], texts)
+    pairs, stats = best_vs_worst(rows, texts, scores, cfg.k, cfg.label_noise, cfg.seed)
+    cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
+              "the same); try a higher --temperature or a larger --k")
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    _write_jsonl(cfg.out, pairs)
+    print(f"wrote {len(pairs)} pairs to {cfg.out} ({stats['ties']} of {len(rows)} prompts dropped as ties; "
+          f"{stats['flipped']} labels flipped by --label-noise {cfg.label_noise})")
+    return stats
+
+
 @dataclasses.dataclass
 class MakeConfig:
     out: str = ""  # output directory for sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl
@@ -566,10 +641,12 @@ def _make_main(cfg: MakeConfig) -> dict[str, int]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "make":
-        print("error: usage: python -m nanoalign.tasks make --out DIR [--seed S] [--n-sft N] [--n-prefs N] "
-              "[--n-prompts N] [--n-eval N]", file=sys.stderr)
+    if not argv or argv[0] not in ("make", "pairs"):
+        print("error: usage: python -m nanoalign.tasks make --out DIR [--seed S] ... | pairs --model M --prompts F "
+              "--out F [--k 4] [--label-noise T] [--judge gold|RM_DIR] ...", file=sys.stderr)
         sys.exit(2)
+    if argv[0] == "pairs":
+        return cli.run(_pairs_main, PairsConfig, argv[1:])
     return cli.run(_make_main, MakeConfig, argv[1:])
 
 

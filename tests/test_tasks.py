@@ -1,4 +1,6 @@
 import json
+import math
+import random
 import statistics
 
 import pytest
@@ -233,3 +235,109 @@ def test_bad_flags_exit_2_with_one_error_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# ----------------------------------------------------------------------------------------- on-policy pairs
+def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
+    msgs = [{"role": "user", "content": "Hi"}]
+    rows = [{"prompt": "p0", "topic": "tea", "line": 1}, {"prompt": "p1", "topic": "tea", "line": 2},
+            {"prompt": msgs, "topic": "x", "reference": "r", "line": 3}, {"prompt": "p3", "line": 4}]
+    texts = ["a", "b", "c", "d", "e", "f", "g", "h", "g", "y", "y", "y"]
+    scores = [0.5, 1.0, 0.0, 0.5, 0.5, 0.5, 1.0, 0.25, 1.0, 0.2, 0.1, 0.2]  # row 3: one text, RM float noise
+    pairs, stats = tasks.best_vs_worst(rows, texts, scores, k=3)
+    assert stats == {"pairs": 2, "ties": 2, "flipped": 0, "prompts": 4}
+    assert pairs == [
+        {"prompt": "p0", "chosen": "b", "rejected": "c", "topic": "tea", "chosen_score": 1.0, "rejected_score": 0.0},
+        {"prompt": msgs, "chosen": "g", "rejected": "h", "topic": "x", "chosen_score": 1.0, "rejected_score": 0.25}]
+
+
+def noisy_flips(T, seed=0, n=2000):
+    rows = [{"prompt": f"p{i}"} for i in range(n)]
+    pairs, stats = tasks.best_vs_worst(rows, ["good", "bad"] * n, [1.0, 0.0] * n, 2, label_noise=T, seed=seed)
+    assert stats["flipped"] == sum(p["chosen"] == "bad" for p in pairs)
+    assert all((p["chosen_score"] < p["rejected_score"]) == (p["chosen"] == "bad") for p in pairs)
+    return pairs, stats["flipped"] / n
+
+
+def test_label_noise_flips_with_bradley_terry_probability():
+    assert noisy_flips(0.0)[1] == 0.0
+    assert abs(noisy_flips(1e6)[1] - 0.5) < 0.045  # a coin flip; sd 0.011 at n = 2000
+    assert abs(noisy_flips(1.0)[1] - (1 - 1 / (1 + math.exp(-1)))) < 0.04  # 1 - sigmoid(1) = 0.269; sd 0.010
+    assert noisy_flips(1.0, seed=5)[0] == noisy_flips(1.0, seed=5)[0] != noisy_flips(1.0, seed=6)[0]
+
+
+GOOD, HALF, BAD = "tea is warm and calm.", "Tea is warm and calm.", "Tea, warm, ok."  # gold 1, 1/2, 0
+
+
+def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16):
+    pools = {"Describe tea.": (GOOD, HALF, BAD), "Describe milk.": (HALF, HALF), "Describe ice.": (BAD, HALF)}
+    rng = random.Random(seed)
+    return [([1], [5], rng.choice(pools[p]), True) for p in prompts for _ in range(n)]
+
+
+def test_pairs_cli_with_gold_judge(tmp_path, monkeypatch, capsys):
+    from nanoalign import evaluate
+    cons = [{"type": "case", "value": "lower"}, {"type": "no_commas", "value": True}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe {t}.", "constraints": cons, "id": t}) + "\n"
+                               for t in ("tea", "milk", "ice")))
+    monkeypatch.setattr(evaluate, "sample", stub_sample)
+    out = tmp_path / "sub" / "pairs.jsonl"
+    stats = tasks.main(["pairs", "--model", "tiny", "--prompts", str(prompts), "--k", "6", "--out", str(out)])
+    assert stats == {"pairs": 2, "ties": 1, "flipped": 0, "prompts": 3}  # milk: every sample scores 1/2
+    assert "1 of 3 prompts dropped as ties" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["tea", "ice"] and all(r["constraints"] == cons for r in rows)
+    for r in rows:
+        assert score(r["chosen"], r) == r["chosen_score"] > score(r["rejected"], r) == r["rejected_score"]
+        drawn = [score(s[2], r) for s in stub_sample(0, 0, [r["prompt"]], 6)]  # the same draw (seed 0)
+        assert (r["chosen_score"], r["rejected_score"]) == (max(drawn), min(drawn))
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    from nanoalign import hub
+    from nanoalign.checkpoint import save_checkpoint
+    d = tmp_path_factory.mktemp("rm")
+    model, tok = hub.load("tiny")
+    model.add_score_head(seed=0)
+    save_checkpoint(str(d), model, tok)
+    return d
+
+
+def test_pairs_on_tiny_model_with_rm_judge_are_deterministic_per_seed(made, rm_dir, tmp_path):
+    from nanoalign import evaluate, hub
+    d, _ = made
+    args = ["pairs", "--model", "tiny", "--prompts", str(d / "prompts.jsonl"), "--k", "3", "--limit", "6",
+            "--max-new-tokens", "8", "--judge", str(rm_dir)]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        stats = tasks.main(args + ["--seed", seed, "--out", str(tmp_path / f"{name}.jsonl")])
+        assert stats["pairs"] + stats["ties"] == 6
+    a, b, c_ = ((tmp_path / f"{n}.jsonl").read_bytes() for n in "abc")
+    assert a == b and a != c_
+    rows = [json.loads(line) for line in a.decode().splitlines()]
+    rm, tok = hub.load(str(rm_dir))
+    for r in rows:
+        ch, rj = evaluate.rm_scores(rm.eval(), tok, [r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+        assert ch == pytest.approx(r["chosen_score"], abs=1e-4) and rj == pytest.approx(r["rejected_score"], abs=1e-4)
+        assert ch > rj and r["split"] == "train" and r["constraints"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--k", "1"], "--k must be >= 2"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--label-noise", "-1"], "--label-noise must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--model", ""], "--model is required"),
+    (["--judge", "nonesuch"], "nonesuch"),
+    ([], "no pairs left"),  # a random tiny model under the gold judge: every completion is degenerate (0)
+])
+def test_pairs_bad_flags_exit_2_with_one_error_line(made, tmp_path, capsys, extra, needle):
+    d, _ = made
+    argv = ["pairs", "--model", "tiny", "--prompts", str(d / "prompts.jsonl"), "--out", str(tmp_path / "p.jsonl"),
+            "--limit", "2", "--max-new-tokens", "4", *extra]
+    with pytest.raises(SystemExit) as e:
+        tasks.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p.jsonl").exists()

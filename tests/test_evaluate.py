@@ -1,0 +1,245 @@
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+
+from nanoalign import evaluate, hub, tasks
+from nanoalign.checkpoint import save_checkpoint
+from nanoalign.data import read_prompts, read_prefs
+
+EXPECTED_KEYS = {"gold_mean", "gold_stderr", "win_rate", "kl", "mean_length", "eos_rate", "n"}
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    d = tmp_path_factory.mktemp("suite")
+    tasks.make(str(d), seed=0, n_sft=0, n_prefs=8, n_prompts=0, n_eval=24)
+    return d
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def test_win_rate_counts_ties_as_half_and_buckets_by_length():
+    scores, ref = [1, 0.5, 0, 1, 1], [0, 0.5, 1, 1, 0]  # win, tie, loss, tie, win
+    lengths, ref_lengths = [10, 10, 30, 10, 20], [10, 30, 10, 11, 10]
+    # (len+1) ratios: 1 similar, 11/31 shorter, 31/11 longer, 11/12 similar, 21/11 longer
+    res = evaluate.win_rate(scores, ref, lengths, ref_lengths)
+    assert (res["wins"], res["ties"], res["losses"]) == (2, 2, 1)
+    assert res["win_rate"] == pytest.approx((2 + 0.5 * 2) / 5)
+    assert res["win_rate_non_tied"] == pytest.approx(2 / 3)
+    assert res["win_rate_by_length"] == pytest.approx({"longer": 0.5, "shorter": 0.5, "similar": 0.75})
+    assert res["n_by_length"] == {"longer": 2, "shorter": 1, "similar": 2}
+    assert "win_rate_by_length" not in evaluate.win_rate(scores, ref)
+
+
+def test_win_rate_all_ties_is_one_half():
+    res = evaluate.win_rate([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])
+    assert res["win_rate"] == 0.5 and res["win_rate_non_tied"] == 0.5 and res["ties"] == 3
+    res = evaluate.win_rate([1.0, 1.0], [0.0, 0.0])
+    assert res["win_rate"] == 1.0 and res["losses"] == 0
+
+
+def test_mean_stderr_hand_worked():
+    m, se = evaluate.mean_stderr([1, 2, 3, 4])
+    assert m == 2.5 and se == pytest.approx(math.sqrt((5 / 3) / 4))  # sample variance 5/3, n 4
+    assert evaluate.mean_stderr([0.25]) == (0.25, 0.0)
+    assert evaluate.mean_stderr([1, 1, 1]) == (1.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------ KL
+def exact_kl_and_k1(policy, ref, samples, temperature):
+    """Per-token KL(policy_T || ref_T) summed over the full vocabulary at each sampled context, and the k1 estimate
+    log policy_T(y) - log ref_T(y), both from unbatched forward passes (no padding involved)."""
+    exact, k1 = [], []
+    for p, r, _, _ in samples:
+        ids = torch.tensor([p + r])
+        with torch.no_grad():  # position len(p)-1+t predicts response token t
+            a, b = (m(ids)[0, len(p) - 1:-1].float() / temperature for m in (policy, ref))
+        la, lb = a.log_softmax(-1), b.log_softmax(-1)
+        exact += (la.exp() * (la - lb)).sum(-1).tolist()
+        k1 += (la - lb).gather(-1, torch.tensor(r)[:, None]).squeeze(-1).tolist()
+    return exact, k1
+
+
+def test_kl_matches_a_fresh_forward_at_the_sampling_temperature_and_is_positive(suite):
+    policy, tok = hub.load("tiny")
+    ref, _ = hub.load("tiny", seed=1)
+    for m, seed in ((policy, 0), (ref, 1)):  # a wider init: peakier distributions, a KL well above the noise
+        m.init_weights(seed, std=0.06).eval()
+    rows = read_prompts(str(suite / "eval.jsonl"))[:8]
+    cfg = evaluate.Config(model="tiny", prompts="-", temperature=0.7, max_new_tokens=24, seed=0)
+    judge = evaluate.make_judge("gold")
+    ref_samples = evaluate.sample(ref, tok, [r["prompt"] for r in rows], 1, 0.7, 24, 0)
+    res = evaluate.evaluate_model(policy, tok, rows, judge, cfg, ref, ref_samples, judge(rows, [s[2] for s in
+                                                                                             ref_samples]))
+    samples = evaluate.sample(policy, tok, [r["prompt"] for r in rows], 1, 0.7, 24, 0)  # the same draw (same seed)
+    exact, k1 = exact_kl_and_k1(policy, ref, samples, 0.7)
+    _, k1_t1 = exact_kl_and_k1(policy, ref, samples, 1.0)
+    n = len(k1)
+    mean_k1 = sum(k1) / n
+    se = math.sqrt(sum((x - mean_k1) ** 2 for x in k1) / (n - 1) / n)
+    kl_exact = sum(exact) / n
+    assert n == sum(len(s[1]) for s in samples) > 100
+    assert res["kl"] == pytest.approx(mean_k1, abs=1e-4)  # log-probs at T = 0.7, read off the sampled tokens
+    assert abs(res["kl"] - sum(k1_t1) / n) > 0.05  # ... not at T = 1 (pitfall 5)
+    assert abs(res["kl"] - kl_exact) < 3 * se  # an unbiased estimate of the KL at the sampling temperature
+    assert res["kl"] > 0 and kl_exact > 0
+
+
+def test_kl_of_a_model_to_itself_is_exactly_zero_and_greedy_has_no_kl(suite):
+    (a, tok), (b, _) = hub.load("tiny"), hub.load("tiny")
+    rows = read_prompts(str(suite / "eval.jsonl"))[:4]
+    judge = evaluate.make_judge("gold")
+    for temperature, want in ((1.0, 0.0), (0.0, None)):
+        cfg = evaluate.Config(model="tiny", prompts="-", temperature=temperature, max_new_tokens=12)
+        rs = evaluate.sample(b.eval(), tok, [r["prompt"] for r in rows], 1, temperature, 12, 0)
+        res = evaluate.evaluate_model(a.eval(), tok, rows, judge, cfg, b, rs, judge(rows, [s[2] for s in rs]))
+        assert res["kl"] == want
+        assert res["ties"] == 4 and res["win_rate"] == 0.5  # same weights, same seed: the same responses
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_cli_end_to_end_on_tiny(suite, tmp_path):
+    out = tmp_path / "res.json"
+    r = run_cli(["-m", "nanoalign.evaluate", "--model", "tiny", "--ref", "tiny", "--prompts",
+                 str(suite / "eval.jsonl"), "--limit", "8", "--max-new-tokens", "16", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= set(res)
+    assert res["n"] == 8 and 1 <= res["mean_length"] <= 16 and 0 <= res["eos_rate"] <= 1
+    assert res["kl"] == 0.0 and res["win_rate"] == 0.5  # a model against itself
+    assert 0 <= res["gold_mean"] <= 1 and res["gold_stderr"] >= 0
+    assert set(res["by_family"]) <= set(tasks.FAMILIES)
+    assert "| model |" in r.stdout and not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_compare_writes_one_entry_per_model(suite, tmp_path):
+    out = tmp_path / "cmp.json"
+    r = run_cli(["-m", "nanoalign.evaluate", "--compare", "same=tiny", "other=small", "--ref", "tiny", "--prompts",
+                 str(suite / "eval.jsonl"), "--limit", "4", "--max-new-tokens", "8", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"same", "other"}
+    for v in res.values():
+        assert EXPECTED_KEYS <= set(v) and v["n"] == 4
+    assert res["same"]["kl"] == 0.0 and res["other"]["kl"] != 0.0
+    assert "| same |" in r.stdout and "| other |" in r.stdout
+
+
+# stub responses: under the gold judge, scores 1, 1/2 and 0 for the tiny task rows below
+GOOD, HALF, BAD = "tea is warm and calm.", "Tea is warm and calm.", "Tea, warm, ok."
+
+
+def stub_rows(n):
+    cons = [{"type": "case", "value": "lower"}, {"type": "no_commas", "value": True}]
+    return [{"prompt": f"Describe tea number {i}.", "constraints": cons} for i in range(n)]
+
+
+def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16):
+    """A sampler whose draws are a pure function of (prompt, sample index, seed), like the real one."""
+    out = []
+    for p in prompts:
+        for j in range(n):
+            h = random.Random(f"{p}/{j}/{seed}").randrange(3)
+            text = (GOOD, HALF, BAD)[h]
+            out.append(([1], [5] * (3 + h), text, True))
+    return out
+
+
+def test_best_of_n_is_at_least_the_single_sample_mean_for_the_draws(tmp_path, monkeypatch):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in stub_rows(30)))
+    monkeypatch.setattr(evaluate, "sample", stub_sample)
+    best_file = tmp_path / "best.jsonl"
+    res = evaluate.main(evaluate.Config(model="tiny", prompts=str(prompts), best_of_n=4, seed=3,
+                                        write_best=str(best_file)))
+    rows = stub_rows(30)
+    gold = lambda t, r: tasks.score(t, r)
+    single = [gold(s[2], r) for s, r in zip(stub_sample(None, None, [r["prompt"] for r in rows], seed=3), rows)]
+    assert res["gold_mean"] == pytest.approx(sum(single) / 30)
+    # best-of-n draws its own 4 samples (seed + 1); its mean is the mean over prompts of the best of THOSE samples
+    draws = stub_sample(None, None, [r["prompt"] for r in rows], 4, seed=4)
+    best = [max(gold(draws[4 * i + j][2], r) for j in range(4)) for i, r in enumerate(rows)]
+    assert res["best_of_n_gold_mean"] == pytest.approx(sum(best) / 30)
+    assert res["best_of_n_gold_mean"] >= sum(gold(d[2], rows[i // 4]) for i, d in enumerate(draws)) / 120
+    assert res["best_of_n_gold_mean"] >= res["gold_mean"]  # true for these draws: 30 prompts, best of 4
+    written = [json.loads(line) for line in best_file.read_text().splitlines()]
+    assert [gold(w["messages"][-1]["content"], r) for w, r in zip(written, rows)] == best
+
+
+# --------------------------------------------------------------------------------------- reward-model judge
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm")
+    model, tok = hub.load("tiny")
+    model.add_score_head(seed=0)
+    save_checkpoint(str(d), model, tok)
+    return d
+
+
+def test_rm_scores_are_read_at_the_last_real_token_whatever_the_padding(rm_dir):
+    rm, tok = hub.load(str(rm_dir))
+    prompts, texts = ["Describe tea.", "Hi"], ["Tea is a warm drink made from leaves.", "ok"]
+    batched = evaluate.rm_scores(rm.eval(), tok, prompts, texts)
+    alone = [evaluate.rm_scores(rm, tok, [p], [t])[0] for p, t in zip(prompts, texts)]
+    assert batched == pytest.approx(alone, abs=1e-5) and batched[0] != pytest.approx(batched[1])
+
+
+def test_rm_judge_reports_accuracy_on_prefs(suite, rm_dir, tmp_path):
+    rm, tok = hub.load(str(rm_dir))
+    prefs = read_prefs(str(suite / "prefs.jsonl"))
+    score = lambda key: [evaluate.rm_scores(rm.eval(), tok, [r["prompt"]], [r[key][-1]["content"]])[0] for r in prefs]
+    ch, rj = score("chosen"), score("rejected")
+    want = sum(a > b for a, b in zip(ch, rj)) / len(prefs)
+    swapped = tmp_path / "swapped.jsonl"  # chosen <-> rejected: the accuracy becomes 1 - accuracy
+    swapped.write_text("".join(json.dumps({**json.loads(line), "chosen": json.loads(line)["rejected"],
+                                           "rejected": json.loads(line)["chosen"]}) + "\n"
+                               for line in (suite / "prefs.jsonl").read_text().splitlines()))
+    for path, acc in ((suite / "prefs.jsonl", want), (swapped, 1 - want)):
+        out = tmp_path / "rm.json"
+        res = evaluate.main(evaluate.Config(model="tiny", prompts=str(suite / "eval.jsonl"), judge=str(rm_dir),
+                                            prefs=str(path), limit=1, max_new_tokens=2, out=str(out)))
+        assert res["rm_n"] == 8 and res["rm_accuracy"] == pytest.approx(acc)
+        assert json.loads(out.read_text())["rm_accuracy"] == pytest.approx(acc)
+        assert "judge_mean" in res and EXPECTED_KEYS - {"win_rate", "kl"} <= set(res)
+    assert res["rm_margin"] == pytest.approx(sum(b - a for a, b in zip(ch, rj)) / len(prefs), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("args, needle", [
+    ([], "exactly one of --model or --compare"),
+    (["--model", "tiny", "--compare", "a=tiny"], "exactly one of --model or --compare"),
+    (["--model", "tiny", "--temperature", "-1"], "--temperature"),
+    (["--model", "tiny", "--samples", "0"], "--samples"),
+    (["--model", "tiny", "--best-of-n", "-2"], "--best-of-n"),
+    (["--model", "tiny", "--write-best", "B"], "--write-best needs --best-of-n"),
+    (["--model", "tiny", "--prefs", "P"], "--prefs"),
+    (["--model", "tiny", "--out", "NODIR/res.json"], "directory does not exist"),
+    (["--model", "tiny", "--limit", "lots"], "--limit"),
+    (["--model", "nonesuch"], "nonesuch"),
+    (["--model", "tiny", "--judge", "TINYDIR"], "no score head"),
+    (["--model", "tiny", "--prompts", "MISSING"], "no such file"),
+])
+def test_bad_input_exits_2_with_one_line(suite, tmp_path, capsys, args, needle):
+    tiny_dir = tmp_path / "tiny"
+    save_checkpoint(str(tiny_dir), *hub.load("tiny"))
+    subst = {"B": str(tmp_path / "b.jsonl"), "P": str(suite / "prefs.jsonl"), "TINYDIR": str(tiny_dir),
+             "NODIR/res.json": str(tmp_path / "nodir" / "res.json"), "MISSING": str(tmp_path / "missing.jsonl")}
+    argv = [subst.get(a, a) for a in args]
+    if "--prompts" not in argv:
+        argv += ["--prompts", str(suite / "eval.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        evaluate.run(evaluate.main, evaluate.Config, argv + ["--limit", "1", "--max-new-tokens", "2"]
+                     if "--limit" not in argv else argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and needle in err, err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_bad_prompts_file_from_the_command_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    r = run_cli(["-m", "nanoalign.evaluate", "--model", "tiny", "--prompts", str(bad)])
+    assert_user_error(r, f"{bad}:2", "prompt")

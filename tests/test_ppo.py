@@ -1,0 +1,187 @@
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, assert_user_error, run_cli
+from safetensors.torch import load_file
+
+sys.path.insert(0, ROOT)
+import train_ppo  # noqa: E402
+
+from nanoalign import hub, loop  # noqa: E402
+from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from nanoalign.cli import UserError, parse_cli  # noqa: E402
+from nanoalign.losses import AdaptiveKLController  # noqa: E402
+
+TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads, and on a shared machine 2 threads can be 5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_prompts(path, constraints=True):
+    """A task the random tiny model can learn in a few iterations, judged by the real gold judge: answer in lowercase
+    without commas. Random bytes rarely manage it: uppercase letters slip in, and a reply of fewer than 3 words is
+    degenerate (score 0), so the policy has to learn to write lowercase words."""
+    with open(path, "w") as f:
+        for i in range(8):
+            row = {"prompt": f"Note {i}. Use lowercase and no commas."}
+            if constraints:
+                row["constraints"] = [{"type": "case", "value": "lower"}, {"type": "no_commas", "value": None}]
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def ppo(tmp_path, name, *flags, prompts=None):
+    """Run train_ppo in-process on the tiny model; returns (log rows, metrics)."""
+    prompts = prompts or write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / name
+    cfg = parse_cli(train_ppo.Config, ["--init", "tiny", "--prompts", prompts, "--out", str(out), "--device", "cpu",
+                                       "--max-new-tokens", "16", "--lr", "1e-2", "--kl-coef", "0.01",
+                                       "--missing-eos-penalty", "0", "--minibatch-size", "16", *flags])
+    metrics = train_ppo.main(cfg)
+    with open(out / "log.jsonl") as f:
+        return [json.loads(line) for line in f], metrics
+
+
+def assert_improves(log, margin=0.25):
+    scores = [r["score"] for r in log]
+    before, after = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
+    assert after >= before + margin, scores
+    return before, after
+
+
+def test_adaptive_kl_controller_hand_worked():
+    # Ziegler et al. 2019: e = clip(KL/target − 1, ±0.2); β ← β(1 + e·n/horizon)
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert c.update(12.0, 1000) == pytest.approx(0.1 * 1.02)  # KL above target: e clipped to +0.2, β up
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert c.update(3.0, 1000) == pytest.approx(0.1 * 0.98)  # below: e = −0.5 clipped to −0.2, β down
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert c.update(6.6, 1000) == pytest.approx(0.1 * 1.01)  # e = 0.1 inside the clip
+
+
+def test_logprobs_are_taken_at_the_sampling_temperature(tiny):
+    model, tok = tiny
+    seq = torch.tensor([[5, 6, 7, 8, 9, 10], [2, 2, 7, 8, 9, 2]])  # row 2: left pad, then response + right pad
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # response = last 3 columns (P = 3)
+    logprobs, _, _ = train_ppo.forward(model, None, seq, attn, 3, mask, temperature=0.7)
+    naive = torch.log_softmax(model(seq, attn)[:, 2:-1].float() / 0.7, -1).gather(-1, seq[:, 3:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, naive * mask)
+    assert logprobs[1, 2] == 0  # padding has no log-prob
+
+
+def test_reward_model_score_is_read_at_the_last_real_token(tiny):
+    rm, _ = hub.load("tiny")
+    rm.add_score_head()
+    seq = torch.tensor([[2, 5, 6, 7]])
+    alone = train_ppo.rm_score(rm, seq, torch.ones_like(seq))
+    padded = train_ppo.rm_score(rm, torch.tensor([[2, 2, 5, 6, 7, 2, 2]]), torch.tensor([[0, 0, 1, 1, 1, 0, 0]]))
+    assert alone.shape == (1,)
+    torch.testing.assert_close(padded, train_ppo.rm_score(rm, seq[:, 1:], torch.ones(1, 3, dtype=torch.long)))
+    assert not torch.allclose(alone, padded)  # the left context matters: it is a real token there
+
+
+def test_ppo_gae_raises_gold_score_and_adapts_beta(tmp_path):
+    log, metrics = ppo(tmp_path, "gae", "--rollout-batch", "32", "--max-steps", "14", "--target-kl", "1",
+                       "--kl-horizon", "100")
+    before, after = assert_improves(log)
+    print(f"gae: score {before:.2f} -> {after:.2f}")
+    assert all(r["gold"] == r["score"] for r in log)  # --reward gold: the proxy is the gold judge
+    assert log[0]["kl"] == 0  # the first rollout: policy == reference, exactly
+    assert sum(r["kl"] for r in log) / len(log) > 0  # pure sampling at T: the KL estimate is >= 0 on average
+    # adaptive β: up after an iteration whose KL is above the target, down after one below it
+    for prev, nxt in zip(log, log[1:]):
+        assert (nxt["beta"] > prev["beta"]) == (prev["kl"] > 1), (prev, nxt)
+    assert log[-1]["beta"] > log[0]["beta"]  # the KL ran above the target for most of the run
+    for key in ("approx_kl", "clipfrac", "vf_loss", "explained_var", "resp_len", "eos_rate", "generate_s",
+                "score_s", "train_s", "loss"):
+        assert key in log[-1], key
+    vh = load_file(str(tmp_path / "gae" / "value_head.safetensors"))
+    assert vh["weight"].shape == (1, 64) and vh["weight"].abs().sum() > 0  # zero-init, then trained
+    model, _ = load_checkpoint(str(tmp_path / "gae"))  # the merged policy
+    assert metrics["score"] == log[-1]["score"] and metrics["first_score"] == log[0]["score"]
+
+
+def test_rloo_raises_score(tmp_path):
+    log, _ = ppo(tmp_path, "rloo", "--estimator", "rloo", "--rollout-batch", "4", "--samples-per-prompt", "8",
+                 "--max-steps", "14")
+    before, after = assert_improves(log)
+    print(f"rloo: score {before:.2f} -> {after:.2f}")
+    assert "vf_loss" not in log[-1] and not os.path.exists(tmp_path / "rloo" / "value_head.safetensors")
+
+
+def test_grpo_raises_score(tmp_path):
+    log, _ = ppo(tmp_path, "grpo", "--estimator", "grpo", "--rollout-batch", "4", "--samples-per-prompt", "8",
+                 "--max-steps", "14")
+    before, after = assert_improves(log)
+    print(f"grpo: score {before:.2f} -> {after:.2f}")
+    assert log[-1]["kl_loss"] >= 0  # the k3 estimator in GRPO's loss is >= 0 pointwise
+
+
+def test_resume_is_exact(tmp_path):
+    """2N iterations in one go == N, then --resume for N more: same log and same final weights (LoRA, adaptive β)."""
+    flags = ["--rollout-batch", "8", "--lora-rank", "4", "--lr", "3e-2", "--target-kl", "1", "--kl-horizon", "100",
+             "--save-every", "2"]
+    full, _ = ppo(tmp_path, "full", *flags, "--max-steps", "4")
+    ppo(tmp_path, "half", *flags, "--max-steps", "2")
+    resumed, _ = ppo(tmp_path, "half", *flags, "--max-steps", "4", "--resume")
+    assert full[0]["kl"] == 0  # the reference is the policy with its adapter disabled
+    assert len(resumed) == 4 and full[-1]["beta"] != full[0]["beta"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
+    assert [strip(r) for r in resumed] == [strip(r) for r in full]
+    for name in ("model.safetensors", "value_head.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "half" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_reward_model_run_logs_proxy_and_gold(tmp_path):
+    rm, tok = hub.load("tiny", seed=1)
+    rm.add_score_head()
+    save_checkpoint(str(tmp_path / "rm"), rm, tok)
+    log, _ = ppo(tmp_path, "ppo", "--reward", str(tmp_path / "rm"), "--value-from-rm", "--rollout-batch", "8",
+                 "--max-steps", "2")
+    assert all("score" in r and "gold" in r for r in log)  # the over-optimisation curve: proxy and gold
+    assert log[0]["score"] != log[0]["gold"]
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOALIGN_INJECT_NAN_STEP", "2")
+    flags = ["--rollout-batch", "8", "--max-steps", "3", "--save-every", "1"]
+    with pytest.raises(loop.TrainingError, match="non-finite loss"):
+        ppo(tmp_path, "stop", *flags)
+    assert torch.load(tmp_path / "stop" / "train_state.pt", weights_only=True)["step"] == 1  # last good state kept
+    log, _ = ppo(tmp_path, "skip", *flags, "--skip-nonfinite")
+    assert [r["skipped"] for r in log] == [0, 4, 4]  # iteration 2: 4 epochs x 1 minibatch (8 responses)
+
+
+def test_bad_flags_are_user_errors(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    base = ["train_ppo.py", "--init", "tiny", "--prompts", prompts, "--device", "cpu"]
+    assert_user_error(run_cli([*base, "--out", str(tmp_path / "a"), "--estimator", "ppo2"]), "--estimator")
+    bad = [(["--estimator", "rloo", "--samples-per-prompt", "1"], "--samples-per-prompt"),
+           (["--temperature", "0"], "--temperature"), (["--kl-estimator", "k9"], "--kl-estimator"),
+           (["--reward", str(tmp_path / "nope")], "--reward"), (["--clip", "-1"], "--clip"),
+           (["--estimator", "grpo", "--whiten-rewards"], "--whiten-rewards"),
+           (["--prompts", write_prompts(tmp_path / "plain.jsonl", constraints=False)], "constraints")]
+    for flags, needle in bad:
+        with pytest.raises(UserError, match=needle):
+            train_ppo.main(parse_cli(train_ppo.Config, [*base[1:], "--out", str(tmp_path / "b"), *flags]))
+
+
+def test_entropy_bonus_k3_whitened_rewards_and_qlora(tmp_path):
+    log, _ = ppo(tmp_path, "opts", "--rollout-batch", "8", "--max-steps", "2", "--entropy-coef", "0.01",
+                 "--kl-estimator", "k3", "--whiten-rewards", "--nf4", "--lora-rank", "4", "--ppo-epochs", "1")
+    # a random-init model is near uniform over its 259 tokens: H just under ln 259 (its maximum) even at T = 0.7
+    assert math.log(259) - 0.1 < log[0]["entropy"] <= math.log(259)
+    assert log[0]["kl"] == 0 and log[1]["kl"] > 0  # k3 is >= 0 token by token
