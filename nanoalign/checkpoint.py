@@ -65,7 +65,8 @@ def save_checkpoint(out_dir: str, model: Transformer, tokenizer: Tokenizer, dtyp
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     tok_tmp = os.path.join(out_dir, f".tok-{os.getpid()}")
     os.makedirs(tok_tmp, exist_ok=True)
-    tokenizer.save(tok_tmp)
+    # a reward model saves pad = <|endoftext|>: transformers scores the last token that is not the pad token
+    tokenizer.save(tok_tmp, pad_token=tokenizer.tok.id_to_token(model.cfg.pad_token_id) or "<|im_end|>")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         atomic_write(os.path.join(out_dir, name), lambda tmp, n=name: shutil.copyfile(os.path.join(tok_tmp, n), tmp))
     shutil.rmtree(tok_tmp)

@@ -75,8 +75,11 @@ def rm_scores(rm, tok, prompts_msgs, texts, batch_size=16):
     device = next(rm.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        seqs = [tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])[0]
-                for p, t in zip(prompts_msgs[i:i + batch_size], texts[i:i + batch_size])]
+        seqs = []
+        for p, t in zip(prompts_msgs[i:i + batch_size], texts[i:i + batch_size]):
+            ids, mask = tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])
+            end = max(j for j, m in enumerate(mask) if m)  # the closing <|im_end|>: where the RM was trained to read
+            seqs.append(ids[:end + 1])
         ids, att, _ = (t.to(device) for t in _batch(seqs, tok.pad_id))
         h = rm(ids, attention_mask=att, return_hidden=True)  # (B, T, C)
         last = last_token_index(att)

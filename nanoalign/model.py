@@ -123,11 +123,12 @@ class Attention(nn.Module):
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole buffer
             k, v = k.to(q.dtype), v.to(q.dtype)
-        # grouped-query attention: each kv head serves n_heads / n_kv query heads
+        # grouped-query attention: each kv head serves rep = n_heads / n_kv query heads. Fold those heads into the
+        # query length, (B, Hkv, rep*T, D), so K and V are never copied rep times (it matters when decoding)
         rep = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1))  # (B, Hkv, rep*T, D)
+        return self.o_proj(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):

@@ -201,7 +201,7 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def quantize_nf4_(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
+def quantize_nf4_(model: nn.Module, skip=("lm_head", "score"), blocksize: int = 64, double_quant: bool = True,
                   compile: bool = False) -> dict:
     """Swap every nn.Linear in `model` for an NF4Linear, in place (gpt-fast style module swap).
 

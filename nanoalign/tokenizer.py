@@ -92,11 +92,11 @@ class Tokenizer:
         return self.tok.encode(self._render(messages, add_generation_prompt=True)[0], add_special_tokens=False).ids
 
     # --- files --------------------------------------------------------------------------------------------------
-    def save(self, out_dir: str):
+    def save(self, out_dir: str, pad_token: str = "<|im_end|>"):
         self.tok.save(os.path.join(out_dir, "tokenizer.json"))
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chatml_template(self.default_system),
-            "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+            "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": pad_token,
             "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
             "model_max_length": self.model_max_length, "clean_up_tokenization_spaces": False,
         }

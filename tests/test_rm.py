@@ -1,0 +1,122 @@
+"""train_rm.py on the tiny random model: the Bradley-Terry RM learns a separable preference and generalises, the
+reward is read at the last real token (padding cannot move it), the saved RM is an HF
+LlamaForSequenceClassification that transformers scores identically, and --center-rewards centres the rewards."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error, run_cli
+
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_rm  # noqa: E402
+from nanoalign import hub  # noqa: E402
+from nanoalign.data import collate_pairs, read_prefs, tokenize_prefs  # noqa: E402
+from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402  (the same separable yes/no toy set)
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(tmp, name, **kw):
+    base = dict(init="tiny", data=str(tmp / "prefs.jsonl"), out=str(tmp / name), max_steps=20, batch_size=8, lr=3e-3,
+                warmup=0, max_len=128, log_every=5, lora_rank=4, lora_alpha=8.0, device="cpu")
+    return train_rm.Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One LoRA RM run shared by the tests below: (tmp dir, metrics)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("rm")
+    write_prefs(tmp / "prefs.jsonl", n=32)
+    ev = write_prefs(tmp / "eval.jsonl", n=12, topics=EVAL_TOPICS, seed=1)
+    m = train_rm.main(cfg(tmp, "rm", eval_data=ev))
+    torch.set_num_threads(n)
+    return tmp, m
+
+
+def test_rm_reaches_high_accuracy_on_held_out_pairs(trained):
+    tmp, m = trained
+    assert m["eval_accuracy"] >= 0.9, m
+    assert m["eval_margin"] > 1.0 and m["loss"] < m["first_loss"]
+    with open(tmp / "rm" / "log.jsonl") as f:
+        rows = [json.loads(l) for l in f]
+    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20]
+    assert {"loss", "accuracy", "margin", "reward_mean", "reward_std", "eval_accuracy"} <= set(rows[-1])
+    assert json.loads((tmp / "rm" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert json.loads((tmp / "rm" / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+def test_reward_is_read_at_the_last_real_token(trained):
+    tmp, _ = trained
+    model, tok = hub.load(str(tmp / "rm"))
+    model.eval()
+    ex = tokenize_prefs(tok, read_prefs(str(tmp / "eval.jsonl")), 128)[:4]
+    with torch.no_grad():
+        base = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128), "cpu")  # (8,)
+        padded = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128, multiple_of=100), "cpu")
+        # by hand: the score head on the hidden state of the response's final <|im_end|>, one unpadded row at a time
+        manual = []
+        for part in ("chosen", "rejected"):
+            for e in ex:
+                ids = torch.tensor([e["prompt"] + e[part]])
+                assert ids[0, -1] == tok.eos_id
+                manual.append(model.score(model(ids, return_hidden=True)[0, -1]).item())
+    torch.testing.assert_close(padded, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(base, torch.tensor(manual), atol=1e-5, rtol=0)
+
+
+def test_saved_rm_loads_in_transformers_with_the_same_scores(trained):
+    transformers = pytest.importorskip("transformers")
+    tmp, _ = trained
+    out = str(tmp / "rm")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    model, tok = hub.load(out)
+    ex = tokenize_prefs(tok, read_prefs(str(tmp / "eval.jsonl")), 128)[:3]
+    with torch.no_grad():
+        for e in ex:
+            for part in ("chosen", "rejected"):
+                ids = torch.tensor([e["prompt"] + e[part]])  # unpadded: HF finds the last token via pad_token_id
+                ours = train_rm.rewards_of(model.eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                           "cpu")
+                theirs = hf(input_ids=ids).logits[0, 0]
+                assert float(theirs) == pytest.approx(float(ours[0]), abs=1e-4)
+
+
+def test_center_rewards_pulls_the_mean_reward_toward_zero(tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=32)
+    ev = write_prefs(tmp_path / "eval.jsonl", n=12, topics=EVAL_TOPICS, seed=1)
+    plain = train_rm.main(cfg(tmp_path, "plain", eval_data=ev))
+    centred = train_rm.main(cfg(tmp_path, "centred", eval_data=ev, center_rewards=0.1))
+    assert abs(plain["eval_reward_mean"]) > 0.5, plain  # BT alone leaves the offset free; it drifted
+    assert abs(centred["eval_reward_mean"]) < 0.1 * abs(plain["eval_reward_mean"]), (plain, centred)
+    assert centred["eval_accuracy"] >= 0.9  # and still ranks the pairs
+
+
+def test_margin_flag_raises_the_learned_margin(tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=16)
+    # the same steps with a margin m: the loss keeps pushing until r_c − r_r > m
+    kw = dict(max_steps=8, lora_rank=0, lr=1e-3, center_rewards=0.05)
+    a = train_rm.main(cfg(tmp_path, "m0", **kw))
+    b = train_rm.main(cfg(tmp_path, "m3", margin=3.0, **kw))
+    assert b["margin"] > a["margin"]
+
+
+def test_prompts_only_file_is_one_error_line_and_exit_2(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
+    r = run_cli(["train_rm.py", "--init", "tiny", "--data", str(p), "--out", str(tmp_path / "o")], env=ONE_THREAD)
+    assert_user_error(r, "prompts.jsonl:1", "missing field 'chosen'")
