@@ -92,13 +92,15 @@ class Config:
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 1  # progress line + log.jsonl row every N iterations
     save_every: int = 0  # write train_state.pt every N iterations, for --resume (0 = never)
+    bf16: bool = False  # bf16 autocast for the trunk in scoring and updates (log-probs, values, losses stay fp32)
     skip_nonfinite: bool = False  # skip (and count) minibatches with a non-finite loss instead of stopping
 
 
-def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False):
+def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False, bf16=False):
     """One forward of prompt+response -> log-probs (B, N) of the response tokens at temperature T, values (B, N)
     (None without a value head), and the hidden states (B, N, C) that predict each response token."""
-    hidden = model(seq, attn, return_hidden=True)  # (B, P+N, C)
+    with torch.autocast(seq.device.type, torch.bfloat16, enabled=bf16):  # log-probs and values stay fp32
+        hidden = model(seq, attn, return_hidden=True).float()  # (B, P+N, C)
     h = hidden[:, P - 1:-1]  # (B, N, C): the state before response token t is where it is predicted
     keep = mask.bool()
     lp = logprobs_chunked(h[keep], model.lm_head.weight, seq[:, P:][keep], temperature, compiled=compiled)
@@ -234,10 +236,10 @@ def main(cfg: Config) -> dict:
         #    generate's scores are post-processed, and logits / T must match the sampler (TRL #2358, #3029)
         with torch.no_grad():
             old = [forward(model, value_head, seq[i:i + mb], attn[i:i + mb], P, mask[i:i + mb], cfg.temperature,
-                           cfg.compile)[:2] for i in range(0, B, mb)]
+                           cfg.compile, cfg.bf16)[:2] for i in range(0, B, mb)]
             with disable_adapter(model):  # with LoRA the reference is the policy minus its adapter
                 ref = [forward(ref_model or model, None, seq[i:i + mb], attn[i:i + mb], P, mask[i:i + mb],
-                               cfg.temperature, cfg.compile)[0] for i in range(0, B, mb)]
+                               cfg.temperature, cfg.compile, cfg.bf16)[0] for i in range(0, B, mb)]
         old_logprobs, ref_logprobs = torch.cat([o[0] for o in old]), torch.cat(ref)  # (B, N)
         old_values = torch.cat([o[1] for o in old]) if value_head is not None else None
 
@@ -269,7 +271,7 @@ def main(cfg: Config) -> dict:
             for s in range(0, B, mb):
                 i = perm[s:s + mb]
                 logprobs, values, h = forward(model, value_head, seq[i], attn[i], P, mask[i], cfg.temperature,
-                                              cfg.compile)
+                                              cfg.compile, cfg.bf16)
                 pg_loss, pstats = ppo_policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], cfg.clip)
                 loss, m = pg_loss, {"pg_loss": float(pg_loss.detach()), **{key: float(v) for key, v in pstats.items()}}
                 if value_head is not None:

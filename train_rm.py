@@ -66,13 +66,15 @@ class Config:
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
     eval_every: int = 0  # evaluate on --eval-data every N steps (0 = only at the end)
+    bf16: bool = False  # bf16 autocast for the trunk (~1.5x faster on AVX512-BF16 CPUs); head and loss stay fp32
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
 
 
-def rewards_of(model, batch, device):
+def rewards_of(model, batch, device, bf16=False):
     """Scalar reward per row (N,), fp32: the score head on the final hidden state of the last real token."""
     ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    hidden = model(ids, att, return_hidden=True)  # (N, T, C)
+    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+        hidden = model(ids, att, return_hidden=True).float()  # (N, T, C); the head and the loss stay fp32
     last = last_token_index(att)  # (N,) by position, never by id: pad == EOS (pitfall 1)
     h = hidden[torch.arange(len(last), device=device), last]  # (N, C)
     return model.score(h).squeeze(-1).float()  # (N,)
@@ -100,7 +102,8 @@ def evaluate(model, examples, collate, cfg, device, rank, world) -> dict:
     mine = loop.shard(list(range(len(examples))), rank, world)
     stats = torch.zeros(5, device=device)
     for k in range(0, len(mine), cfg.batch_size):
-        r = rewards_of(model, collate([examples[i] for i in mine[k:k + cfg.batch_size]]), device)  # (2B,)
+        r = rewards_of(model, collate([examples[i] for i in mine[k:k + cfg.batch_size]]), device,
+                           cfg.bf16)  # (2B,)
         stats += pair_stats(*r.chunk(2))
     model.train()
     return summarize(loop.all_reduce_sum(stats), "eval_")
@@ -170,7 +173,7 @@ def main(cfg: Config) -> dict:
         # 6. forward + backward per micro-batch: summed pair losses / global pairs, so the gradients add up exactly
         loss_sum = torch.zeros((), device=device)
         for m in micro:
-            rewards = rewards_of(fwd, m, device)  # (2B,)
+            rewards = rewards_of(fwd, m, device, cfg.bf16)  # (2B,)
             chosen, rejected = rewards.chunk(2)  # (B,), (B,)
             # (B,): −log σ(r_c − r_r − m) + λ·(r_c + r_r)², summed / the global pair count
             mloss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_rewards).sum() / n_pairs

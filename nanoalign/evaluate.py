@@ -129,10 +129,12 @@ def win_rate(scores, ref_scores, lengths=None, ref_lengths=None) -> dict:
     return res
 
 
-def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref_scores=None) -> dict:
+def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref_scores=None, samples=None) -> dict:
+    """samples: reuse these (the --ref model's own samples when it is also being evaluated)."""
     t0 = time.time()
-    samples = sample(model, tok, [r["prompt"] for r in rows], cfg.samples, cfg.temperature, cfg.max_new_tokens,
-                     cfg.seed, cfg.batch_size)
+    if samples is None:
+        samples = sample(model, tok, [r["prompt"] for r in rows], cfg.samples, cfg.temperature, cfg.max_new_tokens,
+                         cfg.seed, cfg.batch_size)
     n = cfg.samples
     rep_rows = [r for r in rows for _ in range(n)]
     texts = [s[2] for s in samples]
@@ -212,7 +214,8 @@ class Config:
     prompts: str = ""  # prompts JSONL with task metadata (eval.jsonl)
     ref: str = ""  # reference model for win rate and KL
     judge: str = "gold"  # gold, or a reward-model checkpoint dir
-    prefs: str = ""  # preference JSONL for RM pairwise accuracy (with an RM --judge)
+    prefs: str = ""  # preference JSONL for RM pairwise accuracy (of an RM --judge, or of --rm)
+    rm: str = ""  # a reward model whose pairwise accuracy on --prefs is reported (the judge can stay gold)
     samples: int = 1  # samples per prompt
     best_of_n: int = 0  # also report best-of-n (0 = off)
     write_best: str = ""  # with --best-of-n: write the best responses as an SFT JSONL (rejection sampling)
@@ -233,7 +236,8 @@ def main(cfg: Config) -> dict:
           "--samples, --batch-size and --max-new-tokens must be > 0")
     check(cfg.limit >= 0 and cfg.best_of_n >= 0, "--limit and --best-of-n must be >= 0")
     check(not cfg.write_best or cfg.best_of_n > 0, "--write-best needs --best-of-n N")
-    check(not cfg.prefs or cfg.judge != "gold", "--prefs (RM accuracy) needs a reward model as --judge")
+    check(not cfg.prefs or cfg.judge != "gold" or cfg.rm, "--prefs (RM accuracy) needs --rm or a reward model as "
+          "--judge")
     for path in (cfg.out, cfg.write_best):
         check(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))), f"{path}: directory does not exist")
     check(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
@@ -254,7 +258,9 @@ def main(cfg: Config) -> dict:
         model.eval()
         if ref is not None and ref_tok.vocab_size != tok.vocab_size:
             raise UserError(f"{path}: tokenizer differs from --ref {cfg.ref}; KL needs a shared vocabulary")
-        results[name] = evaluate_model(model, tok, rows, judge, cfg, ref, ref_samples, ref_scores)
+        same = cfg.ref and os.path.realpath(path) == os.path.realpath(cfg.ref)  # reuse the ref's own samples
+        results[name] = evaluate_model(model, tok, rows, judge, cfg, ref, ref_samples, ref_scores,
+                                       ref_samples if same else None)
         if cfg.best_of_n:
             bon, best = best_of_n(model, tok, rows, judge, cfg)
             results[name].update(bon)
@@ -264,8 +270,10 @@ def main(cfg: Config) -> dict:
                 os.replace(cfg.write_best + ".tmp", cfg.write_best)
         print(f"{name}: gold {results[name]['gold_mean']:.3f} ± {results[name]['gold_stderr']:.3f} "
               f"({results[name]['eval_s']}s)", flush=True)
-    if cfg.judge != "gold" and cfg.prefs:
-        results["rm"] = rm_accuracy(cfg.judge, cfg.prefs, cfg.device)
+    if cfg.prefs and (cfg.rm or cfg.judge != "gold"):
+        results["rm"] = rm_accuracy(cfg.rm or cfg.judge, cfg.prefs, cfg.device)
+        print(f"reward model {cfg.rm or cfg.judge}: held-out pair accuracy {results['rm']['rm_accuracy']:.3f} "
+              f"(n={results['rm']['rm_n']})")
     print(format_table({k: v for k, v in results.items() if "gold_mean" in v}))
     out = results if cfg.compare else {**results[named[0][0]], **results.get("rm", {})}
     if cfg.out:

