@@ -39,3 +39,15 @@ def assert_user_error(r, *needles):
     assert "Traceback" not in r.stderr, r.stderr
     for n in needles:
         assert n in err_lines[0], (n, err_lines[0])
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for subprocesses: on 2 cores, 2 spinning OpenMP threads lose to 1 for tiny models
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model tests run faster on 1 thread (no OpenMP spin-wait); restores the count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 
 sys.path.insert(0, ROOT)
 import train_dpo  # noqa: E402
@@ -22,19 +22,11 @@ from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.lora import apply_lora  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 spinning threads on the shared 2-core machine are slower than 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TRAIN_TOPICS = ["cats", "dogs", "rain", "tea", "maps", "bikes", "songs", "trees"]
 EVAL_TOPICS = ["stars", "bread", "clocks", "boats"]  # disjoint: held-out prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_prefs(path, n=16, topics=TRAIN_TOPICS, seed=0):

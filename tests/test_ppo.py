@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 from safetensors.torch import load_file
 
 sys.path.insert(0, ROOT)
@@ -18,14 +18,7 @@ from nanoalign.losses import AdaptiveKLController  # noqa: E402
 
 TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to gain from threads, and on a shared machine 2 threads can be 5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_prompts(path, constraints=True):

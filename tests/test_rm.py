@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -17,15 +17,7 @@ from nanoalign import hub  # noqa: E402
 from nanoalign.data import collate_pairs, read_prefs, tokenize_prefs  # noqa: E402
 from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402  (the same separable yes/no toy set)
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(tmp, name, **kw):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 
 sys.path.insert(0, ROOT)
 import train_sft  # noqa: E402
@@ -19,18 +19,10 @@ from nanoalign.data import collate_sft, pack_sft, read_sft, tokenize_sft  # noqa
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 spinning threads on the shared 2-core machine are slower than 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_sft(path, n=16, seed=0):
