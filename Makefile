@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
 # prompts. Sized for ~10 minutes on 2 CPU cores; for a longer, stronger run multiply the --max-steps (e.g. SFT 200,
-# RM 150, DPO 150, PPO 40) and drop --limit from the evaluation.
+# RM 150, DPO 150, PPO 40), add --eval-data $(DATA)/eval_prefs.jsonl to RM and DPO, and drop --limit.
 DEMO    := out/demo
 DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
@@ -31,16 +31,15 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
-		--lr 3e-4 --batch-size 8 --max-steps 24 --warmup 3 --max-len 256 --log-every 4
-	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --eval-data $(DATA)/eval_prefs.jsonl \
-		--out $(DEMO)/rm $(LORA) --lr 3e-4 --batch-size 4 --max-steps 30 --warmup 3 --max-len 256 --log-every 5
-	$(BIN)/python train_dpo.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --eval-data $(DATA)/eval_prefs.jsonl \
-		--out $(DEMO)/dpo $(LORA) --lr 2e-4 --beta 0.1 --batch-size 4 --max-steps 24 --warmup 3 --max-len 256 \
-		--log-every 4
+		--lr 3e-4 --batch-size 8 --max-steps 20 --warmup 2 --max-len 256 --log-every 4
+	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
+		--lr 3e-4 --batch-size 4 --max-steps 24 --warmup 2 --max-len 256 --log-every 4
+	$(BIN)/python train_dpo.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/dpo $(LORA) \
+		--lr 2e-4 --beta 0.1 --batch-size 4 --max-steps 20 --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 1e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps 4
-	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 \
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps 3
+	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 48 \
 		--max-new-tokens 64 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo
 
