@@ -1,18 +1,21 @@
 """The `make demo` pipeline on a tiny model: SFT -> RM -> DPO -> PPO, each stage initialised from the SFT
 checkpoint as in the Makefile, and each stage's own metric must move the right way."""
 import json
+import sys
 
 import pytest
+from conftest import ROOT
 
-import train_dpo
-import train_ppo
-import train_rm
-import train_sft
-from nanoalign import hub
-from nanoalign.cli import parse_cli
-from test_dpo import EVAL_TOPICS, write_prefs
-from test_ppo import write_prompts
-from test_sft import write_sft
+sys.path.insert(0, ROOT)
+import train_dpo  # noqa: E402
+import train_ppo  # noqa: E402
+import train_rm  # noqa: E402
+import train_sft  # noqa: E402
+from nanoalign import hub  # noqa: E402
+from nanoalign.cli import parse_cli  # noqa: E402
+from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402
+from test_ppo import write_prompts  # noqa: E402
+from test_sft import write_sft  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
