@@ -175,12 +175,13 @@ def test_judge_scores_every_demo_1_and_every_rejected_below_1(made):
 def test_constraints_are_compatible_and_stated_in_the_prompt(made):
     _, f = made
     for name, rows in f.items():
-        seen = set()
+        seen, counts = set(), set()
         for r in rows:
             prompt = r["prompt"] if "prompt" in r else r["messages"][0]["content"]
             types = [x["type"] for x in r["constraints"]]
             seen.update(types)
-            assert 1 <= len(types) <= 3 and len(set(types)) == len(types)
+            assert len(set(types)) == len(types)  # no family twice in one prompt
+            counts.add(len(types))
             assert types == ["arithmetic"] or "arithmetic" not in types
             assert not any(frozenset((a, b)) in tasks.CONFLICTS for a in types for b in types)
             if "json" in types:
@@ -188,6 +189,7 @@ def test_constraints_are_compatible_and_stated_in_the_prompt(made):
             for x in r["constraints"]:
                 assert x["type"] == "arithmetic" and x["expr"] in prompt or tasks.describe(x) in prompt
         assert seen == set(tasks.FAMILIES), name
+        assert counts == {1, 2, 3}, (name, counts)  # one to three constraints per prompt, each count occurring
 
 
 def test_demonstrations_are_short(made):
