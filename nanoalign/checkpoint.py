@@ -94,8 +94,11 @@ def read_weights(path: str) -> dict:
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     files = [single]
     if not os.path.exists(single) and os.path.exists(index):
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        try:
+            with open(index) as f:
+                files = sorted({os.path.join(path, str(v)) for v in json.load(f)["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid weights index ({type(e).__name__}: {e})")
     sd = {}
     for fp in files:
         if not os.path.exists(fp):
@@ -115,7 +118,8 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
     except (TypeError, ValueError) as e:
         raise UserError(f"{cfg_file}: {e}")
     model = Transformer(cfg)  # (plain CPU init: the meta device would pull in torch._dynamo, slower overall)
-    if any(a.endswith("SequenceClassification") for a in cfg_dict.get("architectures") or []):
+    archs = cfg_dict.get("architectures")
+    if any(str(a).endswith("SequenceClassification") for a in (archs if isinstance(archs, list) else [])):
         model.add_score_head()
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings or model.score is not None:

@@ -26,6 +26,8 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; any malformed input is a UserError naming FILE:LINE."""
     if not path:
         raise UserError("no data file given")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a directory, not a file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -48,11 +50,17 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             continue
         try:
             obj = json.loads(line)
+            if "\\u" in line:  # json accepts "\ud800", a lone UTF-16 surrogate: no text, and tokenizers reject it
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as e:
             last = i == len(lines) and not text.endswith("\n")
             cut = e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string")  # input ended early
             what = "truncated last line" if last and cut else "malformed JSON"
             raise UserError(f"{path}:{i}: {what} ({e.msg} at column {e.colno})")
+        except RecursionError:
+            raise UserError(f"{path}:{i}: JSON nested too deeply")
+        except UnicodeEncodeError:
+            raise UserError(f"{path}:{i}: a \\u escape of a lone UTF-16 surrogate (not a Unicode character)")
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         rows.append((i, obj))
@@ -91,7 +99,10 @@ def _response(row, key, where) -> list[dict]:
     if isinstance(v, str):
         return [{"role": "assistant", "content": v}]
     if isinstance(v, list):
-        return check_messages(v, where, key, need_assistant=True)
+        msgs = check_messages(v, where, key, need_assistant=True)
+        if msgs[0]["role"] != "assistant":  # it continues the prompt after `<|im_start|>assistant\n`
+            raise UserError(f"{where}: '{key}' must start with an assistant turn, not a {msgs[0]['role']} turn")
+        return msgs
     raise UserError(f"{where}: missing field '{key}'" if v is None else f"{where}: '{key}' must be a string or a "
                     f"list of messages, got {type(v).__name__}")
 
@@ -135,8 +146,10 @@ def read_prefs(path: str) -> list[dict]:
             n = 0
             while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
                 n += 1
+            while n > 0 and not c[n]["role"] == r[n]["role"] == "assistant":
+                n -= 1  # the responses start at an assistant turn: back off to the last one they share
             if n == 0:
-                raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt turns")
+                raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt turns (before an assistant turn)")
             prompt, chosen, rejected = c[:n], c[n:], r[n:]
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                     **_meta(row, ("prompt", "chosen", "rejected")), "line": i})

@@ -119,6 +119,14 @@ def load_gguf(path: str):
 
 def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):
     """--init -> (model, tokenizer) on `device`; errors are UserErrors naming the path."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: not a device (expected cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
     if init in PRESETS:
         model, tok = Transformer(ModelConfig(**PRESETS[init])).init_weights(seed), byte_tokenizer()
     elif init == ALIAS:

@@ -11,6 +11,7 @@
 Models are anything --init accepts; they must share an architecture. The tokenizer is taken from the first model
 (the base for task arithmetic). Simplifications: no per-layer weights, no TIES/DARE sparsification.
 """
+import os
 import sys
 
 import torch
@@ -79,6 +80,7 @@ def main(argv=None) -> str:
     check(a.method != "linear" or sum(weights) != 0, "--weights must not sum to 0 for a linear merge")
     check(a.method == "task-arithmetic" or not a.base, "--base is only used by task-arithmetic")
     check(a.method != "task-arithmetic" or bool(a.base), "task-arithmetic needs --base")
+    check(not os.path.exists(a.out) or os.path.isdir(a.out), f"{a.out}: exists and is not a directory")
     models = _load_all(([a.base] if a.base else []) + a.models)
     states = [m.state_dict() for m, _ in models]
     if a.method == "linear":

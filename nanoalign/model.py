@@ -6,6 +6,7 @@ checkpoint and LoRA targets mean what they mean in PEFT. LoRA and NF4 are applie
 so this file stays a plain Llama.
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -49,15 +50,30 @@ class ModelConfig:
             raise ValueError(f"unsupported model_type {d.get('model_type')!r} (only Llama-family models)")
         kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope scaling {rope.get('rope_type') if isinstance(rope, dict) else rope!r} is not "
+                             "supported")
         if "rope_theta" not in kw and rope.get("rope_theta") is not None:
             kw["rope_theta"] = rope["rope_theta"]
         kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # HF allows lists; we use the first id
             if isinstance(kw.get(k), list):
                 kw[k] = kw[k][0]
-        return cls(**kw)
+        cfg = cls(**kw)
+        for f in fields(cfg):  # a hand-edited config.json fails here, naming its key, not deep inside the model
+            v = getattr(cfg, f.name)
+            if f.type is bool:
+                bad, want = not isinstance(v, bool), "true or false"
+            else:  # sizes > 0, token ids >= 0
+                ids = f.name.endswith("token_id")
+                low, want = (0, f"an {f.type.__name__} >= 0") if ids else (1e-30, f"a positive {f.type.__name__}")
+                bad = (not isinstance(v, numbers.Integral if f.type is int else numbers.Real) or isinstance(v, bool)
+                       or not math.isfinite(v) or v < low)
+            if bad:
+                raise ValueError(f"{f.name} must be {want}, got {v!r}")
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError("hidden_size must divide by num_attention_heads, and that by num_key_value_heads")
+        return cfg
 
 
 class RMSNorm(nn.Module):

@@ -56,8 +56,8 @@ class Tokenizer:
     # --- chat template ------------------------------------------------------------------------------------------
     def _render(self, messages, add_generation_prompt: bool):
         """The rendered string, and the character spans the loss mask covers."""
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a non-empty list of message objects")
         parts, spans, pos = [], [], 0
         if messages[0].get("role") != "system" and self.default_system:
             parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
