@@ -23,6 +23,7 @@ data order and gradient all-reduce are as in train_sft.py (position = f(step), h
 saved config pad_token_id is <|endoftext|> rather than <|im_end|>: transformers reads the score at the last token
 that is not pad_token_id, and every response ends with <|im_end|>, which is where this RM reads it.
 """
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -119,13 +120,11 @@ def main(cfg: Config) -> dict:
     check(not cfg.nf4 or cfg.lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a 4-bit base)")
     device, rank, world = loop.setup(cfg.seed, cfg.device)
 
-    # 1. data: validated rows (bad input -> `FILE:LINE: what`), then the output dir (checked by all, written by rank 0)
+    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only when every
+    #    input has passed (step 4; rank -1: check only), so a bad run leaves nothing behind
     rows = read_prefs(cfg.data)
     eval_rows = read_prefs(cfg.eval_data) if cfg.eval_data else []
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
 
     # 2. model: the SFT model + a fresh score head (an RM checkpoint keeps its own); NF4 base and LoRA optional.
     #    The head is trained in full next to the adapters (PEFT's modules_to_save) and never quantized.
@@ -151,7 +150,11 @@ def main(cfg: Config) -> dict:
     def collate(exs):
         return collate_pairs(exs, tok.pad_id, cfg.max_len, bucket)
 
-    # 4. resume: trainable weights (adapters + head), optimizer, RNGs and the step
+    # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights
+    #    (adapters + head), optimizer, RNGs and the step
+    loop.barrier()
+    if rank == 0:
+        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
     start, skipped = 0, 0
     if cfg.resume:
         st = loop.load_state(cfg.out, model, opt)
@@ -188,13 +191,16 @@ def main(cfg: Config) -> dict:
         #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-            loop.all_reduce_grads(params)
-            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip)
+            loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped (nan)
+            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip, step + 1, cfg.out, cfg.skip_nonfinite)
+        else:
+            opt.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        if math.isfinite(grad_norm):
             loss = float(loss_t)
             first_loss = loss if first_loss is None else first_loss
         else:
-            opt.zero_grad(set_to_none=True)
-            skipped, grad_norm = skipped + 1, float("nan")
+            skipped += 1
 
         # 8. eval (every --eval-every steps and at the end), log (training accuracy, margin and rewards over the
         #    steps since the last line), save

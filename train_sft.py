@@ -22,6 +22,7 @@ gradients after the micro-batches (no DDP wrapper, no gradient/communication ove
 data order and never splits a conversation.
 """
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -167,13 +168,16 @@ def main(cfg: Config) -> dict:
         #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-            loop.all_reduce_grads(params)
-            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip)
+            loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped (nan)
+            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip, step + 1, cfg.out, cfg.skip_nonfinite)
+        else:
+            opt.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        if math.isfinite(grad_norm):
             loss = float(loss_t)
             first_loss = loss if first_loss is None else first_loss
         else:
-            opt.zero_grad(set_to_none=True)
-            skipped, grad_norm = skipped + 1, float("nan")
+            skipped += 1
 
         # 9. eval, log, save
         metrics = {}

@@ -5,15 +5,20 @@ all_reduce after the micro-batches. Losses are normalised by *global* counts (to
 batch B x accum A x world W gives the same step as W processes (pitfall 7). Only rank 0 writes, after a barrier.
 """
 import datetime
+import glob
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_train_state, rng_state, save_checkpoint, save_train_state, set_rng_state, write_json
+from .checkpoint import (atomic_write, load_train_state, rng_state, save_checkpoint, save_train_state, set_rng_state,
+                         write_json)
 from .cli import UserError, check
 
 
@@ -75,6 +80,14 @@ def shard(indices: list, rank: int, world: int) -> list:
     return indices[rank::world]
 
 
+def local_rows(rows: torch.Tensor, group: int, rank: int, world: int) -> torch.Tensor:
+    """Of `rows` (indices into a global batch made of groups of `group` consecutive rows, e.g. the k samples of a
+    prompt, dealt out by shard()), the ones this rank holds, as indices into its own rows, in the order given.
+    Group g lives on rank g % world, as its group g // world. May be empty."""
+    g, j = rows // group, rows % group
+    return ((g // world) * group + j)[g % world == rank]
+
+
 def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
     """Indices of the global batch for `step`: a fresh seeded permutation per epoch, so the data position is a
     pure function of the step and resume needs no iterator state."""
@@ -120,13 +133,37 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def clip_and_step(opt, params, lr: float, max_norm: float) -> float:
+def clip_and_step(opt, params, lr: float, max_norm: float, step: int = 0, out: str = "", skip: bool = False):
+    """Set the lr, clip the global gradient norm, take the optimizer step; returns the norm. A non-finite norm (an
+    inf/NaN gradient under a finite loss) is a non-finite loss too: stop, or with skip drop the step (returns nan).
+    The step (1-based) is only for the message and the fault-injection hooks of the tests."""
+    fault_injection(step, params)
     for g in opt.param_groups:
         g["lr"] = lr
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.tensor(0.0)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.nn.utils.get_total_norm(grads)
+    if not torch.isfinite(norm):  # the same on every rank: the gradients were all-reduced
+        opt.zero_grad(set_to_none=True)
+        if skip:
+            return float("nan")
+        raise TrainingError(f"non-finite gradient norm ({float(norm)}) at step {step}; stopped, the last good "
+                            f"checkpoint in {out} is intact (use --resume, a lower --lr, or --skip-nonfinite)")
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def fault_injection(step: int, params):
+    """Hooks for the crash tests, read from the environment (steps are 1-based; off when unset):
+    NANOALIGN_KILL_AT_STEP=N        SIGKILL this process in step N, after its backward, before its optimizer step
+    NANOALIGN_KILL_RANK_AT_STEP=R:N the same, on rank R only (the other ranks must notice and end)
+    NANOALIGN_INJECT_NAN_GRAD_STEP=N a NaN in the gradients of step N, with a finite loss"""
+    env = os.environ.get
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if env("NANOALIGN_KILL_AT_STEP") == str(step) or env("NANOALIGN_KILL_RANK_AT_STEP") == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if env("NANOALIGN_INJECT_NAN_GRAD_STEP") == str(step):
+        next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
 
 
 def check_finite(loss: torch.Tensor, step: int, out: str, skip: bool = False) -> bool:
@@ -144,6 +181,7 @@ def check_finite(loss: torch.Tensor, step: int, out: str, skip: bool = False) ->
 def prepare_out(out: str, cfg, resume: bool, rank: int = 0):
     """Refuse to mix runs: an --out that holds a different run needs --resume (for this run) or a new path."""
     check(bool(out), "--out is required")
+    check(not os.path.exists(out) or os.path.isdir(out), f"{out}: exists and is not a directory; choose a new --out")
     run_file = os.path.join(out, "run.json")
     this = {k: v for k, v in vars(cfg).items() if k not in ("resume", "max_steps", "save_every", "log_every")}
     if os.path.exists(run_file):
@@ -151,6 +189,8 @@ def prepare_out(out: str, cfg, resume: bool, rank: int = 0):
             with open(run_file) as f:
                 prev = json.load(f)
         except (OSError, ValueError):
+            prev = None
+        if not isinstance(prev, dict):
             raise UserError(f"{run_file}: unreadable run record; choose a new --out")
         if not resume:
             raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose a new --out")
@@ -164,6 +204,11 @@ def prepare_out(out: str, cfg, resume: bool, rank: int = 0):
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         write_json(run_file, this)
+        for tmp in glob.glob(os.path.join(out, "*.tmp-*")) + glob.glob(os.path.join(out, ".tok-*")):
+            if os.path.isdir(tmp):  # a killed run's half-written temporaries (checkpoint.atomic_write's names)
+                shutil.rmtree(tmp)
+            else:
+                os.remove(tmp)
 
 
 def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank: int = 0):
@@ -171,14 +216,28 @@ def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank:
     barrier()
     if rank == 0:
         weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if os.environ.get("NANOALIGN_CRASH_IN_SAVE"):  # fault injection for the crash-safety tests
-            os.kill(os.getpid(), 9)
-        save_train_state(out, {"step": step, "weights": weights, "optimizer": opt.state_dict(), "rng": rng_state(),
-                               "extra": extra or {}})
+        state = {"step": step, "weights": weights, "optimizer": opt.state_dict(), "rng": rng_state(),
+                 "extra": extra or {}}
+        if os.environ.get("NANOALIGN_CRASH_IN_SAVE") == str(step):  # fault injection for the crash-safety tests
+            atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: _write_half_and_die(state, tmp))
+        save_train_state(out, state)
     barrier()
 
 
+def _write_half_and_die(state: dict, tmp: str):
+    """NANOALIGN_CRASH_IN_SAVE=STEP: SIGKILL in the save of STEP with half of the temporary file on disk."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def load_state(out: str, model, opt) -> dict:
+    """Restore what save_state wrote. log.jsonl loses its rows past the saved step: a run killed after the save
+    logged them, and the resumed run logs them again."""
     st = load_train_state(out)
     params = dict(model.named_parameters())
     for n, w in st["weights"].items():
@@ -188,7 +247,29 @@ def load_state(out: str, model, opt) -> dict:
             params[n].copy_(w)
     opt.load_state_dict(st["optimizer"])
     set_rng_state(st["rng"])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        truncate_log(os.path.join(out, "log.jsonl"), st["step"])
     return st
+
+
+def truncate_log(path: str, step: int):
+    """Keep the rows of log.jsonl up to `step` (and drop a line cut short by a kill)."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+    atomic_write(path, w)
 
 
 def finish(out: str, model, tok, metrics: dict, rank: int = 0, lora: bool = False):
@@ -214,4 +295,10 @@ def main_guard(main, cls):
         return run(main, cls)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except dist.DistError as e:  # a peer rank died or hung past the timeout: one line, not a gloo/NCCL traceback
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: rank {rank}: the process group failed ({msg}); a peer rank died or timed out. The last "
+              "train_state.pt in --out is intact: rerun with --resume", file=sys.stderr)
         sys.exit(1)
