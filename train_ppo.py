@@ -26,10 +26,18 @@ that tie on score up into full-size advantages.
 
 Simplifications: the value head shares the policy's trunk (an nn.Linear on its final hidden states, as TRL's
 AutoModelForCausalLMWithValueHead; lm-human-preferences trains a separate value network); a constant learning rate;
-no reward-model normalisation; whitening is per rank. Sampling and shuffling draw from generators seeded by
-(seed, iteration, rank), so --resume needs no sampler state and each rank samples its own responses.
+no reward-model normalisation. Sampling and shuffling draw from generators seeded by (seed, iteration), so --resume
+needs no sampler state.
+
+Data parallel (torchrun) takes the same steps as one process with the same global batch: the sampling uniforms and
+the minibatch shuffles are drawn for the GLOBAL batch (each rank uses its rows), whitening takes its moments over
+every rank, and each loss is a token sum over the GLOBAL count of the minibatch's tokens, so the all-reduced
+gradients are those of the global token mean (pitfall 7). The logged metrics are global means too. What is left
+is float summation order (another left-pad width, another batch shape): ~1e-6 on the logs, and a sample flips only
+if its uniform lands within that rounding of a CDF boundary (more likely with --bf16's sampling copy).
 """
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,13 +50,13 @@ from nanoalign import loop, tasks
 from nanoalign.checkpoint import atomic_write
 from nanoalign.cli import Logger, UserError, check
 from nanoalign.data import read_prompts
-from nanoalign.generate import generate
+from nanoalign.generate import generate, sampling_copy
 from nanoalign.hub import load
 from nanoalign.logprobs import logprobs_chunked
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages,
-                              kl_penalty, masked_mean, per_token_rewards, ppo_policy_loss, ppo_value_loss,
-                              rloo_advantages, whiten)
+                              kl_penalty, per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages,
+                              token_mean, whiten)
 from nanoalign.model import last_token_index
 
 
@@ -92,7 +100,8 @@ class Config:
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 1  # progress line + log.jsonl row every N iterations
     save_every: int = 0  # write train_state.pt every N iterations, for --resume (0 = never)
-    bf16: bool = False  # bf16 autocast for the trunk in scoring and updates (log-probs, values, losses stay fp32)
+    bf16: bool = False  # bf16 autocast for the trunk in scoring and updates (log-probs, values, losses stay fp32);
+    #                     rollouts sample from a bf16 copy of the weights
     skip_nonfinite: bool = False  # skip (and count) minibatches with a non-finite loss instead of stopping
 
 
@@ -161,10 +170,8 @@ def main(cfg: Config) -> dict:
     check(cfg.minibatch_size % world == 0, f"--minibatch-size {cfg.minibatch_size} must divide by {world} ranks")
     check(cfg.reward == "gold" or os.path.isdir(cfg.reward), f"--reward: {cfg.reward}: not 'gold' or a directory")
     rows, has_gold = read_task_prompts(cfg.prompts, cfg.reward == "gold")
-    loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)  # every rank checks --out; rank 0 then records the run
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
+    # every rank checks --out now; rank 0 records the run below, once every input (models too) has passed
+    loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
     # policy, reference, reward, value head. No dropout during RL ("The N Implementation Details of RLHF with PPO"):
     # model.eval() and LoRA dropout 0, so the log-probs of sampling, reference and update agree
@@ -194,7 +201,11 @@ def main(cfg: Config) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
               else FixedKLController(cfg.kl_coef))
 
-    # resume: trainable weights, optimizer, RNGs, the step, β and the value head; prompts and samples follow the step
+    # record the run in --out, or resume it: trainable weights, optimizer, RNGs, the step, β and the value head;
+    # prompts and samples follow the step
+    loop.barrier()
+    if rank == 0:
+        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
     start, skipped = 0, 0
     if cfg.resume:
         st = loop.load_state(cfg.out, model, opt)
@@ -205,17 +216,22 @@ def main(cfg: Config) -> dict:
 
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     inject = int(os.environ.get("NANOALIGN_INJECT_NAN_STEP", 0))  # fault injection for the tests (1-based)
-    B, mb = cfg.rollout_batch // world * k, cfg.minibatch_size // world  # this rank's responses and minibatch
+    B, mb = cfg.rollout_batch // world * k, cfg.minibatch_size // world  # this rank's responses; 3. scores mb at a time
     first = stats = None
     for step in range(start, cfg.max_steps):
         # 1. rollout: this rank's prompts, each repeated k times (the k samples of a prompt are adjacent rows);
-        #    pure sampling at T: top-k/top-p would make the KL estimate biased and often negative (TRL #235, #925)
+        #    pure sampling at T: top-k/top-p would make the KL estimate biased and often negative (TRL #235, #925).
+        #    The uniforms of the inverse-CDF sampler are drawn for the global batch, one per response and token, and
+        #    sharded like the prompts: a response does not depend on which rank samples it, or on its batch-mates
         t0 = time.time()
         idx = loop.shard(loop.batch_indices(step, cfg.rollout_batch, len(items), cfg.seed), rank, world)
         batch = [items[i] for i in idx for _ in range(k)]
-        g = torch.Generator(device=device).manual_seed(hash((cfg.seed, step, rank)) % 2**62)
-        ro = generate(model, [ids for ids, _ in batch], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature,
-                      generator=g, compile=cfg.compile)
+        g = torch.Generator().manual_seed(hash((cfg.seed, step)) % 2**62)
+        u = loop.shard(torch.rand(cfg.rollout_batch, k, cfg.max_new_tokens, generator=g), rank, world)  # (B/k, k, T)
+        sampler = sampling_copy(model) if cfg.bf16 else model  # --bf16: sample from bf16 weights, ~2x faster decode
+        ro = generate(sampler, [ids for ids, _ in batch], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature,
+                      compile=cfg.compile, uniforms=u.reshape(B, -1).to(device))
+        del sampler
         P, N = ro.prompt_len, int(ro.response_mask.sum(1).max())  # drop columns that no response reached
         seq, attn, mask = ro.sequences[:, :P + N], ro.attention_mask[:, :P + N], ro.response_mask[:, :N]  # (B, ·)
         last = last_token_index(mask)  # (B,) the last response token: EOS if the response finished
@@ -246,13 +262,13 @@ def main(cfg: Config) -> dict:
         # 4. rewards: r_t = −β·KL_t per token, plus the score on the last response token (Ziegler et al. 2019 §2.2)
         beta = kl_ctl.value
         rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, N)
-        if cfg.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+        if cfg.whiten_rewards:  # the moments of every rank's tokens: W ranks whiten like one process
+            rewards = whiten(rewards, mask, shift_mean=False, dist_sum=loop.all_reduce_sum)
         # 5. advantages. GAE: δ_t = r_t + γV_{t+1} − V_t, Â_t = δ_t + γλÂ_{t+1} (Schulman et al. 2016), whitened.
         #    RLOO / GRPO: one advantage per response from the k responses of its prompt, broadcast over its tokens
         if cfg.estimator == "gae":
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, dist_sum=loop.all_reduce_sum)
         elif cfg.estimator == "rloo":  # the KL folded into the sequence reward (Ahmadian et al. 2024, §3)
             advantages, returns = rloo_advantages(scores - beta * kl.sum(1), k)[:, None] * mask, None
         else:  # the scores alone; the KL goes into the loss (Shao et al. 2024, eq. 3)
@@ -263,57 +279,68 @@ def main(cfg: Config) -> dict:
 
         # 6. update: --ppo-epochs passes over shuffled minibatches. One forward gives the new log-probs and values
         #    L = max(−Â·ρ, −Â·clip(ρ, 1±ε)) + vf_coef · ½ max((V − R)², (V_clip − R)²) − entropy_coef · H  (Schulman
-        #    et al. 2017, eq. 7 and 9; the value clip as in lm-human-preferences); GRPO: + β·KL instead of a critic
-        mstats = []
+        #    et al. 2017, eq. 7 and 9; the value clip as in lm-human-preferences); GRPO: + β·KL instead of a critic.
+        #    The permutation is of the GLOBAL responses, the same on every rank, and each rank takes the ones it holds
+        #    (a share that varies, and may be empty: a (0, ·) forward still gives the all-reduce zero gradients).
+        #    Each term is a sum over this rank's tokens / the minibatch's tokens on ALL ranks: the shares add up to
+        #    the global token mean, and so do the all-reduced gradients (pitfall 7, as in train_sft.py)
+        n, MB = cfg.rollout_batch * k, cfg.minibatch_size  # responses and minibatch size over all ranks
+        mstats = []  # per minibatch: this rank's shares of the logged terms (summed over ranks in 7.)
         for epoch in range(cfg.ppo_epochs):
-            gs = torch.Generator().manual_seed(hash((cfg.seed, step, epoch, rank)) % 2**62)
-            perm = torch.randperm(B, generator=gs).to(device)
-            for s in range(0, B, mb):
-                i = perm[s:s + mb]
+            gs = torch.Generator().manual_seed(hash((cfg.seed, step, epoch)) % 2**62)
+            perm = torch.randperm(n, generator=gs)
+            for s in range(0, n, MB):
+                i = loop.local_rows(perm[s:s + MB], k, rank, world).to(device)  # this rank's rows of the minibatch
+                n_tok = loop.all_reduce_sum(mask[i].sum().float())  # the minibatch's response tokens, all ranks
                 logprobs, values, h = forward(model, value_head, seq[i], attn[i], P, mask[i], cfg.temperature,
                                               cfg.compile, cfg.bf16)
-                pg_loss, pstats = ppo_policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], cfg.clip)
+                pg_loss, pstats = ppo_policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], cfg.clip, n_tok)
                 loss, m = pg_loss, {"pg_loss": float(pg_loss.detach()), **{key: float(v) for key, v in pstats.items()}}
                 if value_head is not None:
-                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[i], returns[i], mask[i], cfg.value_clip)
+                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[i], returns[i], mask[i], cfg.value_clip,
+                                                          n_tok)
                     loss = loss + cfg.vf_coef * vf_loss
                     m.update(vf_loss=float(vf_loss.detach()), vf_clipfrac=float(vf_clipfrac))
                 if cfg.estimator == "grpo":  # + β·D_KL, the k3 estimator: unbiased and ≥ 0 (Shao et al. 2024, eq. 4)
-                    kl_loss = masked_mean(kl_penalty(logprobs, ref_logprobs[i], "k3"), mask[i])
+                    kl_loss = token_mean(kl_penalty(logprobs, ref_logprobs[i], "k3"), mask[i], n_tok)
                     loss, m["kl_loss"] = loss + beta * kl_loss, float(kl_loss.detach())
                 if cfg.entropy_coef > 0:  # H = −Σ p log p over the vocabulary: the full (tokens, V) logits
                     logp_all = torch.log_softmax(model.lm_head(h[mask[i].bool()]).float() / cfg.temperature, -1)
-                    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+                    entropy = -(logp_all.exp() * logp_all).sum() / n_tok  # this rank's share of the token mean
                     loss, m["entropy"] = loss - cfg.entropy_coef * entropy, float(entropy.detach())
-                loss = loss / world  # each rank's minibatch mean; the all-reduced sum is their average
                 if step + 1 == inject:
                     loss = loss * float("nan")
                 loss.backward()
-                loss_t = loop.all_reduce_sum(loss.detach())
+                loss_t = loop.all_reduce_sum(loss.detach())  # the minibatch loss, the same on every rank
                 if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-                    loop.all_reduce_grads(params)
-                    m["grad_norm"] = loop.clip_and_step(opt, params, cfg.lr, cfg.grad_clip)
+                    loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped
+                    m["grad_norm"] = loop.clip_and_step(opt, params, cfg.lr, cfg.grad_clip, step + 1, cfg.out,
+                                                        cfg.skip_nonfinite)
                 else:
                     opt.zero_grad(set_to_none=True)
-                    skipped, m["grad_norm"] = skipped + 1, float("nan")
+                    m["grad_norm"] = float("nan")
+                if not math.isfinite(m["grad_norm"]):
+                    skipped += 1
                 m["loss"] = float(loss_t)
                 mstats.append(m)
         t3 = time.time()
 
-        # 7. log: averages over minibatches and ranks
-        stats = {key: sum(m[key] for m in mstats) / len(mstats) for key in mstats[0]}
-        stats.update(score=float(score.mean()), kl=float(kl.sum(1).mean()), beta=beta,
-                     resp_len=float(mask.sum(1).float().mean()), eos_rate=float(eos.float().mean()))
+        # 7. log: global means, so rank 0 logs what one process would. Each rank holds shares: the minibatch terms
+        #    of 6., and here its sums over its responses / all n responses; the shares are summed over ranks
+        shares = {key: sum(m[key] for m in mstats) / len(mstats) for key in mstats[0]}
+        whole = {key: shares.pop(key) for key in ("loss", "grad_norm")}  # global already: all-reduced loss/grads
+        per_response = {"score": score, "kl": kl.sum(1), "resp_len": mask.sum(1), "eos_rate": eos}  # (B,) each
         if has_gold:
-            stats["gold"] = float(gold.mean())
-        if value_head is not None:
-            ev = explained_variance(old_values, returns, mask)
+            per_response["gold"] = gold
+        shares.update({key: float(v.double().sum()) / n for key, v in per_response.items()})
+        keys = sorted(shares)
+        total = loop.all_reduce_sum(torch.tensor([shares[key] for key in keys], dtype=torch.float64, device=device))
+        stats = {**{key: float(v) for key, v in zip(keys, total)}, **whole}
+        if value_head is not None:  # the variances over every rank's tokens
+            ev = explained_variance(old_values, returns, mask, dist_sum=loop.all_reduce_sum)
             stats["explained_var"] = float(ev) if torch.isfinite(ev) else 0.0  # 0 when the returns do not vary
-        keys = sorted(stats)
-        avg = loop.all_reduce_sum(torch.tensor([stats[key] for key in keys], dtype=torch.float64, device=device))
-        stats = {key: float(v) / world for key, v in zip(keys, avg)}
-        stats.update(beta=beta, skipped=skipped, tokens_per_s=float(mask.sum()) * world / (t1 - t0),
-                     generate_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
+        stats.update(beta=beta, skipped=skipped, tokens_per_s=stats["resp_len"] * n / (t1 - t0), generate_s=t1 - t0,
+                     score_s=t2 - t1, train_s=t3 - t2)
         first = first or stats
         if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.max_steps:
             logger.log(step + 1, **stats)

@@ -24,24 +24,33 @@ def masked_sum(x, mask, dim=None):
     return x.sum() if dim is None else x.sum(dim)
 
 
-def masked_mean(x, mask, dim=None):
-    """Mean of x over mask == 1; an all-masked row gives 0, not NaN."""
+def masked_mean(x, mask, dim=None, dist_sum=None):
+    """Mean of x over mask == 1; an all-masked row gives 0, not NaN.
+
+    dist_sum: a function that sums a tensor over ranks (loop.all_reduce_sum), for the mean over EVERY rank's masked
+    entries (dim=None only); None = this process's entries.
+    """
     n = mask.sum() if dim is None else mask.sum(dim)
-    return masked_sum(x, mask, dim) / n.clamp(min=1)
+    s = masked_sum(x, mask, dim)
+    if dist_sum is not None:  # the sum and the count, each summed over ranks, in one collective
+        s, n = dist_sum(torch.stack([s, n.to(s.dtype)]))
+    return s / n.clamp(min=1)
 
 
-def masked_var(x, mask, unbiased: bool = True):
-    """Variance of x over mask == 1 (Bessel-corrected like lm-human-preferences / TRL `masked_var`)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+def masked_var(x, mask, unbiased: bool = True, dist_sum=None):
+    """Variance of x over mask == 1 (Bessel-corrected like lm-human-preferences / TRL `masked_var`); dist_sum as in
+    masked_mean: two passes (mean, then squared deviations) over every rank's entries, as one process would."""
+    mean = masked_mean(x, mask, dist_sum=dist_sum)
+    var = masked_mean((x - mean) ** 2, mask, dist_sum=dist_sum)
+    n = mask.sum() if dist_sum is None else dist_sum(mask.sum().to(var.dtype))
     return var * n / (n - 1) if unbiased else var
 
 
-def whiten(x, mask=None, shift_mean: bool = True, eps: float = 1e-8):
-    """(x − mean) / std over the masked entries; shift_mean=False adds the mean back (used for rewards)."""
+def whiten(x, mask=None, shift_mean: bool = True, eps: float = 1e-8, dist_sum=None):
+    """(x − mean) / std over the masked entries; shift_mean=False adds the mean back (used for rewards).
+    dist_sum (loop.all_reduce_sum): the moments of every rank's entries, so W ranks whiten like one process."""
     mask = torch.ones_like(x) if mask is None else mask
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, dist_sum=dist_sum), masked_var(x, mask, dist_sum=dist_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -258,30 +267,37 @@ def gae(rewards, values, response_mask, gamma: float, lam: float):
     return advantages, returns
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+def token_mean(x, mask, num_tokens=None):
+    """Σ x over the mask / num_tokens. num_tokens defaults to mask.sum(): the masked mean. Under DDP pass the GLOBAL
+    token count of the minibatch, so each rank's value is its share and the shares add up over ranks (as sft_loss)."""
+    return masked_mean(x, mask) if num_tokens is None else masked_sum(x, mask) / num_tokens
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, num_tokens=None):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), token mean over the mask. Returns (loss, stats).
 
     stats: clipfrac (fraction of tokens where the clipped term is active), approx_kl = mean((ρ − 1) − log ρ),
     the k3 estimator of KL(π_old‖π) (as in cleanrl), and ratio (mean ρ). All detached.
+    num_tokens: the divisor of every token sum (see token_mean); default mask.sum().
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)  # ρ = π/π_old
     pg1 = -advantages * ratio  # −Â·ρ
     pg2 = -advantages * ratio.clamp(1 - clip, 1 + clip)  # −Â·clip(ρ, 1−ε, 1+ε)
-    loss = masked_mean(torch.max(pg1, pg2), mask)  # L = mean max(−Âρ, −Â·clip(ρ))
+    loss = token_mean(torch.max(pg1, pg2), mask, num_tokens)  # L = mean max(−Âρ, −Â·clip(ρ))
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask),
-                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-                 "ratio": masked_mean(ratio, mask)}
+        stats = {"clipfrac": token_mean((pg2 > pg1).float(), mask, num_tokens),
+                 "approx_kl": token_mean(torch.expm1(log_ratio) - log_ratio, mask, num_tokens),
+                 "ratio": token_mean(ratio, mask, num_tokens)}
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, clip_v: float = 0.2):
-    """Clipped value loss: ½·mean max((V − R)², (V_clip − R)²). Returns (loss, clipfrac)."""
+def ppo_value_loss(values, old_values, returns, mask, clip_v: float = 0.2, num_tokens=None):
+    """Clipped value loss: ½·mean max((V − R)², (V_clip − R)²). Returns (loss, clipfrac). num_tokens: see token_mean."""
     values_clipped = old_values + (values - old_values).clamp(-clip_v, clip_v)  # V_clip = V_old + clip(V − V_old)
     vf1, vf2 = (values - returns) ** 2, (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf1, vf2), mask)
-    clipfrac = masked_mean((vf2 > vf1).float(), mask).detach()
+    loss = 0.5 * token_mean(torch.max(vf1, vf2), mask, num_tokens)
+    clipfrac = token_mean((vf2 > vf1).float(), mask, num_tokens).detach()
     return loss, clipfrac
 
 
@@ -307,7 +323,8 @@ def grpo_advantages(scores, k: int, scale_std: bool = True, eps: float = 1e-4):
     return adv.reshape(-1)
 
 
-def explained_variance(values, returns, mask):
-    """1 − Var(R − V) / Var(R) over the mask: 1 is a perfect critic, ≤ 0 no better than a constant."""
-    var_r = masked_var(returns, mask, unbiased=False)
-    return 1 - masked_var(returns - values, mask, unbiased=False) / var_r
+def explained_variance(values, returns, mask, dist_sum=None):
+    """1 − Var(R − V) / Var(R) over the mask: 1 is a perfect critic, ≤ 0 no better than a constant. dist_sum: as in
+    masked_mean (over every rank's entries)."""
+    var_r = masked_var(returns, mask, unbiased=False, dist_sum=dist_sum)
+    return 1 - masked_var(returns - values, mask, unbiased=False, dist_sum=dist_sum) / var_r

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run_cli
-from nanoalign.generate import generate, generate_texts, left_pad, sample_next
+from nanoalign.generate import generate, generate_texts, left_pad, sample_next, sampling_copy
+from nanoalign.lora import apply_lora, lora_layers
 from nanoalign.model import ModelConfig, PRESETS, Transformer
 
 NEVER = -1  # an eos_id no token can equal: generation runs the full max_new_tokens
@@ -137,12 +138,58 @@ def test_sample_next_top_k_and_top_p_keep_the_right_tokens():
     assert sample_next(logits[:1], 0.0).tolist() == [3]
 
 
+
+def test_sample_next_with_given_uniforms_inverts_the_cdf():
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(4, 3)  # cdf 0.2, 0.7, 1.0
+    assert sample_next(probs.log(), 1.0, uniforms=torch.tensor([0.1, 0.3, 0.69, 0.75])).tolist() == [0, 1, 1, 2]
+
+
+def test_uniforms_make_each_row_independent_of_its_batch_mates():
+    """generate(uniforms=U): row i's token t comes from U[i, t], so a row sampled in another batch (another rank's
+    share in PPO, a different left-pad width) with its row of U gives the same response."""
+    model = chaotic()
+    prompts = prompts_of([3, 9, 5, 2], seed=6)
+    u = torch.rand(4, 12, generator=torch.Generator().manual_seed(0))
+    full = generate(model, prompts, 12, eos_id=NEVER, pad_id=0, temperature=1.0, uniforms=u).responses()
+    for rows in ([0, 2], [3], [1, 3]):
+        part = generate(model, [prompts[i] for i in rows], 12, NEVER, 0, temperature=1.0, uniforms=u[rows])
+        assert part.responses() == [full[i] for i in rows], rows
+    assert len({tuple(r) for r in full}) == 4  # sampled, not the same text for all
+    other = generate(model, prompts, 12, eos_id=NEVER, pad_id=0, temperature=1.0, uniforms=u.flip(0)).responses()
+    assert other != full  # the uniforms decide the sample
+
 def test_generate_restores_training_mode_and_clears_cache(tiny):
     model, _ = tiny
     model.train()
     generate(model, prompts_of([3]), 4, eos_id=NEVER, pad_id=0, temperature=0)
     assert model.training
     assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
+
+
+@torch.no_grad()
+def test_sampling_copy_merges_lora_and_leaves_the_policy_alone():
+    torch.manual_seed(0)  # LoRA's A init draws from the global generator
+    model = chaotic()
+    apply_lora(model, r=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for layer in lora_layers(model).values():  # a non-zero adapter, so that merging matters
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.5)
+    x = torch.tensor(prompts_of([12, 12]))
+    want = model(x)
+    fp32 = sampling_copy(model, torch.float32)
+    assert not lora_layers(fp32) and lora_layers(model)  # the copy is merged; the policy keeps its adapters
+    torch.testing.assert_close(fp32(x), want, atol=1e-4, rtol=1e-4)
+    ro32 = generate(fp32, x.tolist(), 6, NEVER, 0, temperature=0)
+    assert ro32.responses() == generate(model, x.tolist(), 6, NEVER, 0, temperature=0).responses()
+    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)  # a normal init for the bf16 check
+    apply_lora(model, r=4, alpha=8)
+    for layer in lora_layers(model).values():
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    bf16 = sampling_copy(model)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    # a bf16 rounding of the same distribution: next-token probabilities within a few percent
+    p32, p16 = model(x).softmax(-1), bf16(x).float().softmax(-1)
+    assert (p16 - p32).abs().sum(-1).max() < 0.05  # twice the total variation distance, per position
 
 
 def test_generate_cli_writes_rows_in_input_order(tmp_path, tiny):

@@ -1,4 +1,5 @@
 import math
+import threading
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from nanoalign.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, explained_variance, gae,
                               grpo_advantages, kl_penalty, kto_loss, log1mexp, masked_mean, masked_sum, orpo_loss,
                               per_token_rewards, ppo_policy_loss, ppo_value_loss, preference_loss, rloo_advantages,
-                              sft_loss, whiten)
+                              sft_loss, token_mean, whiten)
 
 t = torch.tensor
 LN3 = math.log(3)
@@ -38,6 +39,67 @@ def test_whiten_masked_mean0_std1():
     w2 = whiten(x, m, shift_mean=False)
     assert close(w2[m.bool()].mean(), x[m.bool()].mean(), 1e-4)
 
+
+
+def two_ranks(fn, halves):
+    """Simulated DDP: fn(*halves[r], dist_sum) for r = 0, 1, one thread per rank, where dist_sum (called in lockstep,
+    like an all-reduce) returns the sum of both ranks' arguments. -> [rank 0's result, rank 1's result]."""
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def dist_sum(x):
+            slots[r] = x
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next call's
+            return total
+        out[r] = fn(*halves[r], dist_sum)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return out
+
+
+def test_whiten_and_explained_variance_over_ranks_equal_one_process():
+    """dist_sum: two ranks, each holding one half of the rows, whiten exactly like one process holding both."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(6, 10, generator=g) * 5 + 3, torch.randn(6, 10, generator=g)
+    m = (torch.rand(6, 10, generator=g) > 0.3).long()
+    m[0] = 0  # an empty row: the halves hold different token counts
+    halves = [(x[:3], v[:3], m[:3]), (x[3:], v[3:], m[3:])]
+    w0, w1 = two_ranks(lambda xs, vs, ms, ds: whiten(xs, ms, dist_sum=ds), halves)
+    assert close(torch.cat([w0, w1]), whiten(x, m), 1e-5)
+    w0, w1 = two_ranks(lambda xs, vs, ms, ds: whiten(xs, ms, shift_mean=False, dist_sum=ds), halves)
+    assert close(torch.cat([w0, w1]), whiten(x, m, shift_mean=False), 1e-5)
+    assert not close(whiten(x[:3], m[:3]), whiten(x, m)[:3], 1e-2)  # whitening each half alone differs
+    e0, e1 = two_ranks(lambda xs, vs, ms, ds: explained_variance(vs, xs, ms, dist_sum=ds), halves)
+    assert close(e0, explained_variance(v, x, m), 1e-6) and close(e1, e0, 0)
+
+
+def test_ppo_losses_with_the_global_token_count_add_up_over_shares():
+    """num_tokens = the minibatch's token count over all ranks: each rank's loss, stats and gradient are shares of
+    the whole minibatch's token means (the default, num_tokens = mask.sum(), is that mean for one process)."""
+    g = torch.Generator().manual_seed(1)
+    lp, old = (torch.randn(4, 5, generator=g) * 0.3).requires_grad_(), torch.randn(4, 5, generator=g) * 0.3
+    adv, v, ret = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g).requires_grad_(), torch.randn(4, 5)
+    m = t([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])  # shares of 7 and 4 tokens
+    whole, stats = ppo_policy_loss(lp, old, adv, m, 0.2)
+    vf, vf_clip = ppo_value_loss(v, old, ret, m, 0.2)
+    (whole + vf).backward()
+    grads = lp.grad.clone(), v.grad.clone()
+    lp.grad = v.grad = None
+    n = m.sum().float()
+    parts = [(ppo_policy_loss(lp[s], old[s], adv[s], m[s], 0.2, n), ppo_value_loss(v[s], old[s], ret[s], m[s], 0.2, n))
+             for s in (slice(0, 2), slice(2, 4))]
+    sum(p[0][0] + p[1][0] for p in parts).backward()
+    assert close(sum(p[0][0] for p in parts), whole) and close(sum(p[1][0] for p in parts), vf)
+    for key in stats:
+        assert close(sum(p[0][1][key] for p in parts), stats[key]), key
+    assert close(sum(p[1][1] for p in parts), vf_clip)
+    assert close(lp.grad, grads[0]) and close(v.grad, grads[1])
+    assert close(token_mean(t([[2.0, 4.0, 9.0]]), t([[1, 1, 0]]), 4.0), 1.5)  # Σ over the mask / num_tokens
 
 def test_sft_loss_grad_accumulation_equivalence():
     # pitfall 7: summing micro-batch losses normalised by the GLOBAL token count == the one-big-batch loss
