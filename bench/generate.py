@@ -1,10 +1,13 @@
-"""Sampling throughput: nanoalign's KV-cache generate (eager and compiled) vs transformers' model.generate.
+"""Sampling throughput: nanoalign's KV-cache generate (eager, compiled, bf16 weights) vs transformers' generate.
 
-    python bench/generate.py [--batches 1 8] [--prompt-len 32] [--new 64] [--reps 3] [--no-peer]
+    python bench/generate.py [--batches 1 8] [--prompt-len 32] [--new 64] [--reps 3] [--no-peer] [--no-compile]
 
 Workload: SmolLM2-135M-Instruct, random 32-token prompts, 64 new tokens (EOS never stops a row, so every setting
-produces exactly batch x 64 tokens), sampling at T=1, fp32, 2 threads. Each setting runs in its own subprocess so
-peak RSS is its own. Prints one JSON line per setting, then one summary line with the ratios to transformers.
+produces exactly batch x 64 tokens), pure sampling at T=1, 2 threads. Settings: nanoalign fp32 eager, fp32 with
+the decode step compiled, and bf16 (sampling_copy: the weights cast to bf16, as train_ppo.py --bf16 samples);
+transformers' model.generate in fp32 and in bf16 (dtype=torch.bfloat16). Each setting runs in its own subprocess
+so that peak RSS is its own. One JSON line per setting, then one summary line per batch with the ratios to
+transformers at the same dtype, and of our fastest setting to transformers' default (fp32).
 """
 import argparse
 import json
@@ -18,40 +21,43 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: bool) -> dict:
+def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: bool, dtype: str) -> dict:
     import torch
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     sys.path.insert(0, ROOT)
     from nanoalign import hub
-    from nanoalign.generate import generate
-    model, tok = hub.load(hub.ALIAS)
-    model.eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, 40000, (batch, prompt_len), generator=g)
     if kind == "hf":
         import transformers
-        hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(hub.cache_dir(), hub.ALIAS),
-                                                               dtype=torch.float32).eval()
-        del model
+        path = os.path.join(hub.cache_dir(), hub.ALIAS)  # the converted checkpoint (the parent made sure it exists)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
         def run():
             with torch.no_grad():
                 hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                            top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_id)
+                            top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=2)
     else:
+        from nanoalign.generate import generate, sampling_copy
+        model, tok = hub.load(hub.ALIAS)
+        if dtype != "float32":  # (a copy: at fp32 it would only double the peak RSS)
+            model = sampling_copy(model, getattr(torch, dtype))
+
         def run():
             generate(model, prompts.tolist(), new, eos_id=-1, pad_id=tok.pad_id, temperature=1.0, generator=g,
                      compile=compiled)
+    t0 = time.perf_counter()
     run()  # warmup (and compilation)
+    warm_s = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"name": f"generate/{kind}", "batch": batch, "compiled": compiled, "prompt_len": prompt_len,
-            "new_tokens": new, "step_s": t / new, "tokens_per_s": batch * new / t,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"name": f"generate/{kind}", "batch": batch, "compiled": compiled, "dtype": dtype,
+            "prompt_len": prompt_len, "new_tokens": new, "step_ms": 1000 * t / new, "tokens_per_s": batch * new / t,
+            "first_call_s": warm_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main():
@@ -61,12 +67,16 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--child", nargs=3, metavar=("KIND", "BATCH", "COMPILED"))
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled setting (~2 min of compile each)")
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "BATCH", "COMPILED", "DTYPE"))
     a = ap.parse_args()
     if a.child:
-        kind, batch, compiled = a.child[0], int(a.child[1]), a.child[2] == "1"
-        print(json.dumps(one(kind, batch, a.prompt_len, a.new, a.reps, compiled)))
+        kind, batch, compiled, dtype = a.child[0], int(a.child[1]), a.child[2] == "1", a.child[3]
+        print(json.dumps(one(kind, batch, a.prompt_len, a.new, a.reps, compiled, dtype)))
         return
+    sys.path.insert(0, ROOT)
+    from nanoalign import hub
+    hub.load(hub.ALIAS)  # convert the GGUF once, outside the timed children
     try:
         import transformers  # noqa: F401
         peer = not a.no_peer
@@ -74,9 +84,10 @@ def main():
         peer = False
     results = []
     for batch in a.batches:
-        settings = [("nanoalign", 0), ("nanoalign", 1)] + ([("hf", 0)] if peer else [])
-        for kind, compiled in settings:
-            cmd = [sys.executable, __file__, "--child", kind, str(batch), str(compiled), "--prompt-len",
+        settings = [("nanoalign", 0, "float32")] + ([] if a.no_compile else [("nanoalign", 1, "float32")])
+        settings += [("nanoalign", 0, "bfloat16")] + ([("hf", 0, "float32"), ("hf", 0, "bfloat16")] if peer else [])
+        for kind, compiled, dtype in settings:
+            cmd = [sys.executable, __file__, "--child", kind, str(batch), str(compiled), dtype, "--prompt-len",
                    str(a.prompt_len), "--new", str(a.new), "--reps", str(a.reps)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
@@ -85,17 +96,24 @@ def main():
             row = json.loads(r.stdout.strip().splitlines()[-1])
             results.append(row)
             print(json.dumps(row), flush=True)
-    if peer:
-        for batch in a.batches:
-            hf = [r for r in results if r["batch"] == batch and r["name"] == "generate/hf"]
-            ours = [r for r in results if r["batch"] == batch and r["name"] == "generate/nanoalign"]
-            if hf and ours:
-                best = max(ours, key=lambda r: r["tokens_per_s"])
-                print(json.dumps({"name": "generate/summary", "batch": batch, "tokens_per_s": best["tokens_per_s"],
-                                  "compiled": best["compiled"], "peer": {"tokens_per_s": hf[0]["tokens_per_s"],
-                                                                         "peak_rss_mb": hf[0]["peak_rss_mb"]},
-                                  "ratio": {"tokens_per_s": best["tokens_per_s"] / hf[0]["tokens_per_s"],
-                                            "peak_rss_mb": best["peak_rss_mb"] / hf[0]["peak_rss_mb"]}}))
+    if not peer:
+        return
+    for batch in a.batches:
+        rows = {(r["name"].split("/")[1], r["compiled"], r["dtype"]): r for r in results if r["batch"] == batch}
+        hf32, hf16 = rows.get(("hf", False, "float32")), rows.get(("hf", False, "bfloat16"))
+        ours = [r for k, r in rows.items() if k[0] == "nanoalign"]
+        if not (hf32 and ours):
+            continue
+        best = max(ours, key=lambda r: r["tokens_per_s"])
+        ratio = lambda ours, peer: round(ours["tokens_per_s"] / peer["tokens_per_s"], 2) if ours and peer else None
+        print(json.dumps({"name": "generate/summary", "batch": batch, "tokens_per_s": best["tokens_per_s"],
+                          "compiled": best["compiled"], "dtype": best["dtype"],
+                          "peer": {"tokens_per_s": hf32["tokens_per_s"], "peak_rss_mb": hf32["peak_rss_mb"]},
+                          "ratio": {"tokens_per_s": ratio(best, hf32), "peak_rss_mb":
+                                    round(best["peak_rss_mb"] / hf32["peak_rss_mb"], 2)},
+                          "ratio_fp32_eager_vs_hf_fp32": ratio(rows.get(("nanoalign", False, "float32")), hf32),
+                          "ratio_bf16_vs_hf_bf16": ratio(rows.get(("nanoalign", False, "bfloat16")), hf16),
+                          "goal": {"tokens_per_s": 3.0}}))
 
 
 if __name__ == "__main__":

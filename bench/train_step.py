@@ -52,7 +52,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def worker(algo: str, warmup: int, steps: int, init: str) -> dict:
+def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0) -> dict:
+    """One algo's benchmark row. seq_len (bench/compare.py --quick) shortens the rows; dpo/rm keep the last half as
+    the response."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,7 +65,7 @@ def worker(algo: str, warmup: int, steps: int, init: str) -> dict:
     from nanoalign.losses import bradley_terry_loss, preference_loss, sft_loss
     from nanoalign.model import last_token_index
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     torch.manual_seed(0)
     model, tok = load(init)
     if algo == "rm":
@@ -76,7 +78,7 @@ def worker(algo: str, warmup: int, steps: int, init: str) -> dict:
     V, d, L = c.vocab_size, c.hidden_size, c.num_hidden_layers
 
     # synthetic batch: sft (4, 256) all in the loss; dpo/rm (8, 128) = 4 chosen then 4 rejected, response = last 64
-    B, T, P = (4, 256, 1) if algo == "sft" else (8, 128, 64)
+    B, T, P = (4, seq_len or 256, 1) if algo == "sft" else (8, seq_len or 128, (seq_len or 128) // 2)
     ids = torch.randint(3, V, (B, T))
     att = torch.ones(B, T, dtype=torch.long)
     resp = torch.zeros(B, T, dtype=torch.long)
@@ -118,7 +120,7 @@ def worker(algo: str, warmup: int, steps: int, init: str) -> dict:
     row = {"name": f"{algo}-lora16-{init}", "step_s": round(step_s, 3), "tokens_per_s": round(tokens_per_s, 1),
            "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_token": int(flops_per_token),
            "mfu": round(flops_per_token * tokens_per_s / peak, 4), "peak_gflops": round(peak / 1e9, 1),
-           "batch": B, "seq_len": T, "threads": 2, "warmup": warmup, "steps": steps,
+           "batch": B, "seq_len": T, "threads": torch.get_num_threads(), "warmup": warmup, "steps": steps,
            "step_s_all": [round(t, 3) for t in times]}
     if algo in PEERS:
         peer = PEERS[algo]

@@ -137,6 +137,18 @@ def score(response: str, meta: dict) -> float:
     return sum(check(c, response) for c in cons) / len(cons)
 
 
+def check_rows(rows: list[dict], path: str, need_all: bool = True):
+    """Check the judge's metadata once, up front, so that a bad row is `FILE:LINE: ...` (a UserError) and not a
+    crash after minutes of sampling. need_all: every row must have it (the gold judge); else only rows that do."""
+    for r in rows:
+        if need_all or "constraints" in r:
+            try:
+                score("probe answer text", r)
+            except Exception as e:  # the checkers index into the metadata: any error means it is malformed
+                raise cli.UserError(f"{path}:{r.get('line', '?')}: task metadata the gold judge cannot use "
+                                    f"({type(e).__name__}: {e}); the gold judge needs 'constraints' on every row")
+
+
 def score_by_family(responses: list[str], metas: list[dict]) -> dict[str, float]:
     """Per family, the fraction of its constraints satisfied across all rows (degenerate responses fail all)."""
     hits, totals = {}, {}
@@ -403,6 +415,7 @@ class PairsConfig:
     limit: int = 0  # use only the first N prompts (0 = all)
     batch_size: int = 16  # generation batch
     device: str = "cpu"  # cpu or cuda
+    bf16: bool = False  # sample from a bf16 copy of the weights (about twice the decode speed on a CPU)
 
 
 def _pairs_main(cfg: PairsConfig) -> dict:
@@ -416,11 +429,13 @@ def _pairs_main(cfg: PairsConfig) -> dict:
     cli.check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
     cli.check(cfg.label_noise >= 0, f"--label-noise must be >= 0, got {cfg.label_noise}")
     cli.check(cfg.limit >= 0 and cfg.batch_size > 0, "--limit must be >= 0 and --batch-size > 0")
+    cli.check(not os.path.isdir(cfg.out), f"{cfg.out}: is a directory, not a file path")
     rows = read_prompts(cfg.prompts)[:cfg.limit or None]
+    check_rows(rows, cfg.prompts, need_all=cfg.judge == "gold")
     judge = make_judge(cfg.judge, cfg.device)
     model, tok = load(cfg.model, cfg.device)
     samples = sample(model.eval(), tok, [r["prompt"] for r in rows], cfg.k, cfg.temperature, cfg.max_new_tokens,
-                     cfg.seed, cfg.batch_size)
+                     cfg.seed, cfg.batch_size, cfg.bf16)
     texts = [s[2] for s in samples]
     scores = judge([r for r in rows for _ in range(cfg.k)], texts)
     pairs, stats = best_vs_worst(rows, texts, scores, cfg.k, cfg.label_noise, cfg.seed)

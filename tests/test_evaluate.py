@@ -137,7 +137,7 @@ def stub_rows(n):
     return [{"prompt": f"Describe tea number {i}.", "constraints": cons} for i in range(n)]
 
 
-def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16):
+def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16, bf16=False):
     """A sampler whose draws are a pure function of (prompt, sample index, seed), like the real one."""
     out = []
     for p in prompts:

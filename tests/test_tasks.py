@@ -271,7 +271,7 @@ def test_label_noise_flips_with_bradley_terry_probability():
 GOOD, HALF, BAD = "tea is warm and calm.", "Tea is warm and calm.", "Tea, warm, ok."  # gold 1, 1/2, 0
 
 
-def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16):
+def stub_sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16, bf16=False):
     pools = {"Describe tea.": (GOOD, HALF, BAD), "Describe milk.": (HALF, HALF), "Describe ice.": (BAD, HALF)}
     rng = random.Random(seed)
     return [([1], [5], rng.choice(pools[p]), True) for p in prompts for _ in range(n)]
