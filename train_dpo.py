@@ -13,6 +13,8 @@ where log π(y|x) is the SUM of the response's token log-probs, y_w the chosen a
     orpo     ORPO (Hong et al. 2024): no reference; NLL(y_w) − λ·log σ(log-odds ratio), λ = --orpo-lambda
     kto      KTO (Ethayarajh et al. 2024): unpaired thumbs-up/down rows against a reference point z0, estimated
              from mismatched pairs (prompt i with completion i+1 of the batch; needs --batch-size > 1)
+--rpo-alpha α adds α·NLL(y_w) to the paired losses (RPO, Pang et al. 2024; the Llama 3 recipe): pure DPO may push
+the chosen response's likelihood down with the rejected one's, and with it the EOS that ends it.
 
 Chosen and rejected of B pairs run as ONE (2B, T) batch, so one forward pass scores both halves with the same
 masks. Log-probs come from the final hidden states through nanoalign.logprobs (chunked, fp32, and only response
@@ -34,6 +36,7 @@ data parallel); KTO's z0 is estimated per micro-batch on each rank (TRL gathers 
 (TR-DPO), no per-pair margins, no length-desensitised variants.
 """
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ class Config:
     label_smoothing: float = 0.0  # ε: assumed fraction of flipped labels (cdpo, robust; also sigmoid and simpo)
     simpo_gamma: float = 0.5  # γ: SimPO's target reward margin
     orpo_lambda: float = 0.1  # λ: weight of ORPO's odds-ratio term next to the chosen NLL
+    rpo_alpha: float = 0.0  # α: + α·NLL(y_w), the chosen response's token-average NLL (RPO; TRL's rpo_alpha)
     precompute_ref: bool = False  # reference log-probs computed once before training; no reference model kept
     max_steps: int = 200  # optimizer steps
     batch_size: int = 4  # pairs (kto: rows) per micro-batch on each rank; a pair is 2 rows in the forward pass
@@ -114,7 +118,11 @@ def pair_losses(loss, cfg, logps, lengths, ref_logps):
     if loss == "orpo":  # the SFT term is the chosen response's token-average NLL (Hong et al. 2024, eq. 2)
         return orpo_loss(pc / nc, pr / nr, -pc / nc, cfg.orpo_lambda)
     rc, rr = ref_logps.chunk(2) if ref_logps is not None else (None, None)  # reference_{chosen,rejected}_logps
-    return preference_loss(pc, pr, rc, rr, cfg.beta, loss, cfg.label_smoothing, cfg.simpo_gamma, nc, nr)
+    losses, chosen, rejected = preference_loss(pc, pr, rc, rr, cfg.beta, loss, cfg.label_smoothing, cfg.simpo_gamma,
+                                               nc, nr)
+    # RPO (Pang et al. 2024, eq. 3): DPO can lower log π(y_w) too, as long as log π(y_l) falls faster; the NLL of
+    # the chosen response keeps it likely (and its EOS: pure DPO on off-policy pairs drifts to longer responses)
+    return losses + cfg.rpo_alpha * (-pc / nc), chosen, rejected
 
 
 def reference_for(exs, batch, model, ref_model, cfg, device):
@@ -180,7 +188,8 @@ def main(cfg: Config) -> dict:
     # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
     for name in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr", "beta"):
         check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "lora_rank", "orpo_lambda"):
+    for name in ("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "lora_rank", "orpo_lambda",
+                 "rpo_alpha"):
         check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     check(cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     check(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
@@ -191,13 +200,11 @@ def main(cfg: Config) -> dict:
     device, rank, world = loop.setup(cfg.seed, cfg.device)
     kto = cfg.loss == "kto"
 
-    # 1. data: validated rows (bad input -> `FILE:LINE: what`), then the output dir (checked by all, written by rank 0)
+    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only when every
+    #    input has passed (step 4; rank -1: check only), so a bad run leaves nothing behind
     rows = read_training_rows(cfg)
     eval_rows = read_prefs(cfg.eval_data) if cfg.eval_data else []
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
 
     # 2. model: full fine-tune, LoRA, or QLoRA. The reference: the adapter-disabled policy with LoRA; a frozen copy
     #    for a full fine-tune, unless --precompute-ref; none at all for the reference-free simpo and orpo.
@@ -231,7 +238,11 @@ def main(cfg: Config) -> dict:
         if rank == 0:
             print(f"reference log-probs of {len(examples) + len(eval_examples)} pairs in {time.time() - t0:.1f}s")
 
-    # 4. resume: trainable weights, optimizer, RNGs and the step; the data position follows from the step
+    # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights,
+    #    optimizer, RNGs and the step; the data position follows from the step
+    loop.barrier()
+    if rank == 0:
+        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
     start, skipped = 0, 0
     if cfg.resume:
         st = loop.load_state(cfg.out, model, opt)
@@ -282,13 +293,16 @@ def main(cfg: Config) -> dict:
         #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-            loop.all_reduce_grads(params)
-            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip)
+            loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped (nan)
+            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip, step + 1, cfg.out, cfg.skip_nonfinite)
+        else:
+            opt.zero_grad(set_to_none=True)
+            grad_norm = float("nan")
+        if math.isfinite(grad_norm):
             loss = float(loss_t)
             first_loss = loss if first_loss is None else first_loss
         else:
-            opt.zero_grad(set_to_none=True)
-            skipped, grad_norm = skipped + 1, float("nan")
+            skipped += 1
 
         # 8. eval (every --eval-every steps and at the end), log (rewards, accuracy and margin over the steps since
         #    the last line), save

@@ -130,6 +130,13 @@ def test_dpo_loss_is_ln2_for_every_pair_when_policy_equals_reference(tmp_path):
     losses, chosen, rejected = train_dpo.pair_losses("sigmoid", c, logps, lengths, ref)
     assert torch.allclose(losses, torch.full((5,), math.log(2)), atol=1e-6)
     assert chosen.abs().max() < 1e-6 and rejected.abs().max() < 1e-6
+    # RPO: + α times the chosen response's token-average NLL, here worked from the per-token log-probs
+    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    logits = model(ids, att)[:, :-1].float()
+    tok_lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
+    nll = -(tok_lp.sum(1) / resp[:, 1:].sum(1))[:5]  # the chosen half
+    rpo, _, _ = train_dpo.pair_losses("sigmoid", dataclasses.replace(c, rpo_alpha=0.5), logps, lengths, ref)
+    torch.testing.assert_close(rpo, math.log(2) + 0.5 * nll, atol=1e-5, rtol=0)
     # ... and the first logged loss of a real run is ln 2 too
     m = train_dpo.main(cfg(tmp_path, "run", max_steps=1))
     assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
