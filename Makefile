@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 1e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps 3
-	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 48 \
+	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo
 

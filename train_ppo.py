@@ -312,13 +312,7 @@ def main(cfg: Config) -> dict:
                     loss = loss * float("nan")
                 loss.backward()
                 loss_t = loop.all_reduce_sum(loss.detach())  # the minibatch loss, the same on every rank
-                if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-                    loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped
-                    m["grad_norm"] = loop.clip_and_step(opt, params, cfg.lr, cfg.grad_clip, step + 1, cfg.out,
-                                                        cfg.skip_nonfinite)
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    m["grad_norm"] = float("nan")
+                m["grad_norm"] = loop.step_or_skip(opt, params, loss_t, cfg.lr, step + 1, cfg)  # nan: skipped
                 if not math.isfinite(m["grad_norm"]):
                     skipped += 1
                 m["loss"] = float(loss_t)

@@ -167,12 +167,7 @@ def main(cfg: Config) -> dict:
         # 8. a non-finite loss stops the run (the last train_state.pt stays intact), or with --skip-nonfinite is
         #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
-        if loop.check_finite(loss_t, step + 1, cfg.out, cfg.skip_nonfinite):
-            loop.all_reduce_grads(params)  # a non-finite gradient norm stops the run too, or is skipped (nan)
-            grad_norm = loop.clip_and_step(opt, params, lr, cfg.grad_clip, step + 1, cfg.out, cfg.skip_nonfinite)
-        else:
-            opt.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
+        grad_norm = loop.step_or_skip(opt, params, loss_t, lr, step + 1, cfg)  # nan: skipped
         if math.isfinite(grad_norm):
             loss = float(loss_t)
             first_loss = loss if first_loss is None else first_loss

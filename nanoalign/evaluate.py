@@ -132,8 +132,9 @@ def win_rate(scores, ref_scores, lengths=None, ref_lengths=None) -> dict:
     return res
 
 
-def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref_scores=None, samples=None) -> dict:
-    """samples: reuse these (the --ref model's own samples when it is also being evaluated)."""
+def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref_scores=None, samples=None,
+                   same_as_ref=False) -> dict:
+    """samples: reuse these (the --ref model's own samples when it is also being evaluated, same_as_ref)."""
     t0 = time.time()
     if samples is None:
         samples = sample(model, tok, [r["prompt"] for r in rows], cfg.samples, cfg.temperature, cfg.max_new_tokens,
@@ -153,7 +154,9 @@ def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref
         res["judge_mean"] = sum(scores) / len(scores)
     if ref is not None:
         res["kl"] = None  # greedy decoding is a point mass: its KL to ref is not a number worth reporting
-        if cfg.temperature > 0:
+        if cfg.temperature > 0 and same_as_ref:
+            res["kl"] = 0.0  # the reference itself: no forward passes needed
+        elif cfg.temperature > 0:
             lp, cnt = response_logprobs(model, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
             rlp, _ = response_logprobs(ref, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
             # per-token KL(pi || ref) estimated on pi's own samples (k1, unbiased; >= 0 on average, pitfall 5)
@@ -266,7 +269,7 @@ def main(cfg: Config) -> dict:
             raise UserError(f"{path}: tokenizer differs from --ref {cfg.ref}; KL needs a shared vocabulary")
         same = cfg.ref and os.path.realpath(path) == os.path.realpath(cfg.ref)  # reuse the ref's own samples
         results[name] = evaluate_model(model, tok, rows, judge, cfg, ref, ref_samples, ref_scores,
-                                       ref_samples if same else None)
+                                       ref_samples if same else None, bool(same))
         if cfg.best_of_n:
             bon, best = best_of_n(model, tok, rows, judge, cfg)
             results[name].update(bon)

@@ -153,6 +153,17 @@ def clip_and_step(opt, params, lr: float, max_norm: float, step: int = 0, out: s
     return float(norm)
 
 
+def step_or_skip(opt, params, loss_t: torch.Tensor, lr: float, step: int, cfg) -> float:
+    """The guarded optimizer step every script takes: a non-finite loss stops the run (the last train_state.pt stays
+    intact) or, with cfg.skip_nonfinite, skips the step; otherwise sum the gradients over ranks, clip, and step at
+    `lr`. Returns the gradient norm: nan for a skipped step (a non-finite gradient norm is skipped the same way)."""
+    if not check_finite(loss_t, step, cfg.out, cfg.skip_nonfinite):
+        opt.zero_grad(set_to_none=True)
+        return float("nan")
+    all_reduce_grads(params)
+    return clip_and_step(opt, params, lr, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite)
+
+
 def fault_injection(step: int, params):
     """Hooks for the crash tests, read from the environment (steps are 1-based; off when unset):
     NANOALIGN_KILL_AT_STEP=N        SIGKILL this process in step N, after its backward, before its optimizer step
