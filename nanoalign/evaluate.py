@@ -31,7 +31,7 @@ from .tasks import score_by_family
 @torch.no_grad()
 def sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0, batch_size=16, bf16=False):
     """-> list of (prompt_ids, response_ids, text, eos) for each prompt, n samples each (prompt-major order).
-    bf16: sample from a bf16 copy of the weights (about twice the decode speed on a CPU)."""
+    bf16: sample from a bf16 copy of the weights (~1.35x faster decoding at batch 8 on this CPU)."""
     model = sampling_copy(model) if bf16 else model
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     jobs = [tok.render_prompt(p) for p in prompts for _ in range(n)]

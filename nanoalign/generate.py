@@ -72,8 +72,9 @@ _compiled_step = None
 @torch.no_grad()
 def sampling_copy(model, dtype=torch.bfloat16):
     """A frozen copy to sample from: LoRA merged into the weights, which are cast to `dtype`. Decoding reads every
-    weight once per token, so on a CPU it is bound by memory traffic, and bf16 halves it (~2x per decode step here).
-    The samples then come from a bf16 rounding of the policy; PPO still takes every log-prob from the policy itself."""
+    weight once per token, so on a CPU it is bound by memory traffic, and bf16 halves it (77.8 -> 57.6 ms per decode
+    step at batch 8 here). The samples come from a bf16 rounding of the policy; PPO still takes every log-prob from
+    the policy itself."""
     from .lora import merge_lora
     return merge_lora(copy.deepcopy(model)).to(dtype).eval()
 
@@ -147,7 +148,7 @@ class Config:
     batch_size: int = 16  # prompts per batch
     device: str = "cpu"  # cpu or cuda
     compile: bool = False  # torch.compile the decode step
-    bf16: bool = False  # sample from a bf16 copy of the weights (about twice the decode speed on a CPU)
+    bf16: bool = False  # sample from a bf16 copy of the weights (~1.35x faster decoding at batch 8 on this CPU)
 
 
 def main(cfg: Config):

@@ -415,7 +415,7 @@ class PairsConfig:
     limit: int = 0  # use only the first N prompts (0 = all)
     batch_size: int = 16  # generation batch
     device: str = "cpu"  # cpu or cuda
-    bf16: bool = False  # sample from a bf16 copy of the weights (about twice the decode speed on a CPU)
+    bf16: bool = False  # sample from a bf16 copy of the weights (~1.35x faster decoding at batch 8 on this CPU)
 
 
 def _pairs_main(cfg: PairsConfig) -> dict:
