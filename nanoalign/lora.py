@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
             return y - self.scaling * self.lora_B(self.lora_A(x)) if self.merged else y
         if self.merged:
             return y
-        return y + self.scaling * self.lora_B(self.lora_A(self.lora_dropout(x)))
+        return torch.add(y, self.lora_B(self.lora_A(self.lora_dropout(x))), alpha=self.scaling)  # one pass, no temp
 
     @torch.no_grad()
     def merge(self):
