@@ -45,8 +45,8 @@ import torch
 
 from nanoalign import loop
 from nanoalign.cli import Logger, check
-from nanoalign.data import (collate_pairs, collate_unpaired, pairs_to_unpaired, read_jsonl, read_prefs, read_unpaired,
-                            tokenize_prefs, tokenize_unpaired)
+from nanoalign.data import read_jsonl, read_prefs, read_unpaired
+from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired, tokenize_prefs, tokenize_unpaired
 from nanoalign.logprobs import token_logprobs
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import kto_loss, orpo_loss, preference_loss
@@ -240,13 +240,8 @@ def main(cfg: Config) -> dict:
 
     # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights,
     #    optimizer, RNGs and the step; the data position follows from the step
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
-    start, skipped = 0, 0
-    if cfg.resume:
-        st = loop.load_state(cfg.out, model, opt)
-        start, skipped = st["step"], st["extra"].get("skipped", 0)
+    st = loop.start_or_resume(cfg, model, opt, rank)
+    start, skipped = st["step"], st["extra"].get("skipped", 0)
 
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world

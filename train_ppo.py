@@ -46,17 +46,19 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from nanoalign import loop, tasks
+from nanoalign import loop
 from nanoalign.checkpoint import atomic_write
-from nanoalign.cli import Logger, UserError, check
+from nanoalign.cli import Logger, check
 from nanoalign.data import read_prompts
 from nanoalign.generate import generate, sampling_copy
 from nanoalign.hub import load
+from nanoalign.judge import check_rows
+from nanoalign.judge import score as gold_score
 from nanoalign.logprobs import logprobs_chunked
 from nanoalign.lora import disable_adapter
-from nanoalign.losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages,
-                              kl_penalty, per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages,
-                              token_mean, whiten)
+from nanoalign.losses import whiten
+from nanoalign.rl import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages, kl_penalty,
+                          per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages, token_mean)
 from nanoalign.model import last_token_index
 
 
@@ -129,13 +131,7 @@ def rm_score(rm, seq, attn):
 def read_task_prompts(path: str, need_gold: bool) -> tuple[list[dict], bool]:
     """-> (prompt rows, whether every row carries the gold judge's task metadata)."""
     rows = read_prompts(path)
-    for r in rows:
-        if "constraints" in r or need_gold:
-            try:  # the judge's metadata, checked once up front instead of failing mid-run
-                tasks.score("probe answer text", r)
-            except Exception as e:
-                raise UserError(f"{path}:{r['line']}: task metadata the gold judge cannot use ({type(e).__name__}: "
-                                f"{e}); --reward gold needs 'constraints' on every row")
+    check_rows(rows, path, need_all=need_gold)  # the judge's metadata, checked once up front, not mid-run
     return rows, all("constraints" in r for r in rows)
 
 
@@ -203,13 +199,9 @@ def main(cfg: Config) -> dict:
 
     # record the run in --out, or resume it: trainable weights, optimizer, RNGs, the step, β and the value head;
     # prompts and samples follow the step
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
-    start, skipped = 0, 0
+    st = loop.start_or_resume(cfg, model, opt, rank)
+    start, skipped = st["step"], st["extra"].get("skipped", 0)
     if cfg.resume:
-        st = loop.load_state(cfg.out, model, opt)
-        start, skipped = st["step"], st["extra"]["skipped"]
         kl_ctl.load_state_dict(st["extra"]["kl_ctl"])
         if value_head is not None:
             value_head.load_state_dict(st["extra"]["value_head"])
@@ -243,7 +235,7 @@ def main(cfg: Config) -> dict:
         texts = [tok.decode(r) for r in ro.responses()]
         gold = None
         if has_gold:
-            gold = torch.tensor([tasks.score(t, row) for t, (_, row) in zip(texts, batch)], device=device)  # (B,)
+            gold = torch.tensor([gold_score(t, row) for t, (_, row) in zip(texts, batch)], device=device)  # (B,)
         score = rm_score(rm, seq, attn) if rm is not None else gold
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()

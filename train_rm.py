@@ -32,7 +32,8 @@ import torch
 
 from nanoalign import loop
 from nanoalign.cli import Logger, check
-from nanoalign.data import collate_pairs, read_prefs, tokenize_prefs
+from nanoalign.data import read_prefs
+from nanoalign.prefs import collate_pairs, tokenize_prefs
 from nanoalign.hub import load
 from nanoalign.lora import apply_lora
 from nanoalign.losses import bradley_terry_loss
@@ -152,13 +153,8 @@ def main(cfg: Config) -> dict:
 
     # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights
     #    (adapters + head), optimizer, RNGs and the step
-    loop.barrier()
-    if rank == 0:
-        loop.prepare_out(cfg.out, cfg, cfg.resume, rank)
-    start, skipped = 0, 0
-    if cfg.resume:
-        st = loop.load_state(cfg.out, model, opt)
-        start, skipped = st["step"], st["extra"].get("skipped", 0)
+    st = loop.start_or_resume(cfg, model, opt, rank)
+    start, skipped = st["step"], st["extra"].get("skipped", 0)
 
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world

@@ -3,7 +3,6 @@
     python -m nanoalign.chat --model smollm2-135m-instruct        (type /reset to clear, /quit or Ctrl-D to leave)
     python -m nanoalign.chat --model out/demo/dpo --once "Give one tip about sleep."
 """
-import sys
 from dataclasses import dataclass
 
 import torch

@@ -23,9 +23,9 @@ from .cli import UserError, check, run
 from .generate import generate, sampling_copy
 from .logprobs import token_logprobs
 from .model import last_token_index
-from .tasks import check_rows
-from .tasks import score as gold_score
-from .tasks import score_by_family
+from .judge import check_rows
+from .judge import score as gold_score
+from .judge import score_by_family
 
 
 @torch.no_grad()

@@ -6,12 +6,10 @@ batch B x accum A x world W gives the same step as W processes (pitfall 7). Only
 """
 import datetime
 import glob
-import io
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 
 import torch
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from .checkpoint import (atomic_write, load_train_state, rng_state, save_checkpoint, save_train_state, set_rng_state,
                          write_json)
 from .cli import UserError, check
+from .faults import crash_in_save, fault_injection
 
 
 class TrainingError(Exception):
@@ -164,19 +163,6 @@ def step_or_skip(opt, params, loss_t: torch.Tensor, lr: float, step: int, cfg) -
     return clip_and_step(opt, params, lr, cfg.grad_clip, step, cfg.out, cfg.skip_nonfinite)
 
 
-def fault_injection(step: int, params):
-    """Hooks for the crash tests, read from the environment (steps are 1-based; off when unset):
-    NANOALIGN_KILL_AT_STEP=N        SIGKILL this process in step N, after its backward, before its optimizer step
-    NANOALIGN_KILL_RANK_AT_STEP=R:N the same, on rank R only (the other ranks must notice and end)
-    NANOALIGN_INJECT_NAN_GRAD_STEP=N a NaN in the gradients of step N, with a finite loss"""
-    env = os.environ.get
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if env("NANOALIGN_KILL_AT_STEP") == str(step) or env("NANOALIGN_KILL_RANK_AT_STEP") == f"{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if env("NANOALIGN_INJECT_NAN_GRAD_STEP") == str(step):
-        next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("nan")
-
-
 def check_finite(loss: torch.Tensor, step: int, out: str, skip: bool = False) -> bool:
     """True if finite. Otherwise stop the run (the last good checkpoint stays), or with skip, tell the caller to
     skip the step."""
@@ -222,6 +208,15 @@ def prepare_out(out: str, cfg, resume: bool, rank: int = 0):
                 os.remove(tmp)
 
 
+def start_or_resume(cfg, model, opt, rank: int = 0) -> dict:
+    """Record the run in --out (rank 0, after every rank has checked it with prepare_out(rank=-1)), or, with
+    --resume, restore its train state. -> the state: step 0 and no extras for a fresh run."""
+    barrier()
+    if rank == 0:
+        prepare_out(cfg.out, cfg, cfg.resume, rank)
+    return load_state(cfg.out, model, opt) if cfg.resume else {"step": 0, "extra": {}}
+
+
 def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank: int = 0):
     """Trainable weights, optimizer, step, RNGs and any extra state (e.g. the KL controller), atomically."""
     barrier()
@@ -229,21 +224,9 @@ def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank:
         weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = {"step": step, "weights": weights, "optimizer": opt.state_dict(), "rng": rng_state(),
                  "extra": extra or {}}
-        if os.environ.get("NANOALIGN_CRASH_IN_SAVE") == str(step):  # fault injection for the crash-safety tests
-            atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: _write_half_and_die(state, tmp))
+        crash_in_save(out, state, step)  # fault injection for the crash-safety tests (off unless set)
         save_train_state(out, state)
     barrier()
-
-
-def _write_half_and_die(state: dict, tmp: str):
-    """NANOALIGN_CRASH_IN_SAVE=STEP: SIGKILL in the save of STEP with half of the temporary file on disk."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-        f.flush()
-        os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_state(out: str, model, opt) -> dict:

@@ -1,4 +1,4 @@
-"""The verifiable task suite and its gold judge (IFEval-style: a program, not a person, is the judge).
+"""The verifiable task suite (IFEval-style: a program, not a person, is the judge; the judge is nanoalign/judge.py).
 
 A prompt is a plain request about a topic plus one to three constraints a program can check, e.g.
     Describe tea. Write your whole answer in lowercase letters. Include the word "calm".
@@ -22,143 +22,19 @@ checks form, not truth (except for arithmetic).
 """
 import dataclasses
 import json
-import math
 import os
 import random
 import re
 import sys
 
 from . import cli
+from .judge import FAMILIES, check, has_word, score, words
 
-FAMILIES = ("case", "keyword", "avoid", "no_commas", "start", "end", "word_limit", "bullets", "quotes", "json",
-            "arithmetic")
 TEXT_FAMILIES = FAMILIES[:-1]  # arithmetic always stands alone
 # pairs that cannot hold at once: a bulleted answer is not one quoted string, JSON cannot begin with a phrase, ...
 CONFLICTS = {frozenset(p) for p in [("bullets", "quotes"), ("bullets", "json"), ("quotes", "json"),
                                     ("bullets", "start"), ("bullets", "end"), ("quotes", "start"), ("quotes", "end"),
                                     ("json", "start"), ("json", "end"), ("json", "word_limit")]}
-
-# ---------------------------------------------------------------------------------------------------- the judge
-_WORD = re.compile(r"\w+(?:['’]\w+)*")  # Unicode-aware; "- ", quotes and JSON braces are not words
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def _has_word(word: str, text: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
-
-
-def check_case(c, r):  # letters only; letters without case (digits, CJK) are ignored
-    letters = [ch for ch in r if ch.isalpha()]
-    wrong = str.isupper if c["value"] == "lower" else str.islower
-    return bool(letters) and not any(wrong(ch) for ch in letters)
-
-
-def check_keyword(c, r):
-    return _has_word(c["value"], r)
-
-
-def check_avoid(c, r):
-    return not _has_word(c["value"], r)
-
-
-def check_no_commas(c, r):
-    return "," not in r and "，" not in r
-
-
-def check_start(c, r):
-    return r.lstrip().startswith(c["value"])
-
-
-def check_end(c, r):
-    return r.rstrip().endswith(c["value"])
-
-
-def check_word_limit(c, r):
-    n = len(words(r))
-    return n <= c["value"] if c["relation"] == "at_most" else n >= c["value"]
-
-
-def check_bullets(c, r):
-    return sum(re.match(r"[ \t]*- +\S", line) is not None for line in r.splitlines()) == c["value"]
-
-
-def check_quotes(c, r):
-    s = r.strip()
-    return len(s) >= 2 and (s[0], s[-1]) in (('"', '"'), ("“", "”"))
-
-
-def check_json(c, r):
-    s = r.strip()
-    fenced = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", s, re.DOTALL)  # ```json ... ```
-    try:
-        obj = json.loads(fenced.group(1) if fenced else s)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and c["value"] in obj
-
-
-def check_arithmetic(c, r):  # the number only; a trailing period and a Unicode minus are tolerated
-    s = r.strip().rstrip(".").strip().replace("\u2212", "-")
-    return re.fullmatch(r"[-+]?\d+(\.\d+)?", s) is not None and float(s) == c["value"]
-
-
-CHECKS = {f: globals()[f"check_{f}"] for f in FAMILIES}
-
-
-def check(constraint: dict, response: str) -> bool:
-    if constraint["type"] not in CHECKS:
-        raise ValueError(f"unknown constraint type {constraint['type']!r}")
-    return CHECKS[constraint["type"]](constraint, response)
-
-
-def _prompt_text(meta: dict) -> str:  # prompt rows hold a string; readers may have turned it into messages
-    p = meta.get("prompt") or meta.get("messages") or ""
-    return p if isinstance(p, str) else " ".join(m["content"] for m in p if m.get("role") == "user")
-
-
-def is_degenerate(response: str, meta: dict) -> bool:
-    """Empty, under 3 words where prose is expected, the prompt repeated back, or one phrase looped."""
-    ws = [w.lower() for w in words(response)]
-    prompt = " ".join(w.lower() for w in words(_prompt_text(meta)))
-    prose = not {c["type"] for c in meta["constraints"]} & {"arithmetic", "json"}
-    return (not response.strip() or (prose and len(ws) < 3)
-            or (prompt != "" and f" {prompt} " in f" {' '.join(ws)} ")
-            or (len(ws) >= 12 and len(set(ws)) < 0.3 * len(ws)))
-
-
-def score(response: str, meta: dict) -> float:
-    """Gold score in [0, 1]: the fraction of meta["constraints"] that `response` satisfies (0 if degenerate)."""
-    cons = meta["constraints"]
-    if is_degenerate(response, meta):
-        return 0.0
-    return sum(check(c, response) for c in cons) / len(cons)
-
-
-def check_rows(rows: list[dict], path: str, need_all: bool = True):
-    """Check the judge's metadata once, up front, so that a bad row is `FILE:LINE: ...` (a UserError) and not a
-    crash after minutes of sampling. need_all: every row must have it (the gold judge); else only rows that do."""
-    for r in rows:
-        if need_all or "constraints" in r:
-            try:
-                score("probe answer text", r)
-            except Exception as e:  # the checkers index into the metadata: any error means it is malformed
-                raise cli.UserError(f"{path}:{r.get('line', '?')}: task metadata the gold judge cannot use "
-                                    f"({type(e).__name__}: {e}); the gold judge needs 'constraints' on every row")
-
-
-def score_by_family(responses: list[str], metas: list[dict]) -> dict[str, float]:
-    """Per family, the fraction of its constraints satisfied across all rows (degenerate responses fail all)."""
-    hits, totals = {}, {}
-    for r, meta in zip(responses, metas, strict=True):
-        bad = is_degenerate(r, meta)
-        for c in meta["constraints"]:
-            totals[c["type"]] = totals.get(c["type"], 0) + 1
-            hits[c["type"]] = hits.get(c["type"], 0) + (not bad and check(c, r))
-    return {f: hits[f] / totals[f] for f in sorted(totals)}
-
 
 # ------------------------------------------------------------------------------------------------------ the bank
 # Each topic: three facts, then one tip. No double quotes; some commas, so that no_commas has work to do.
@@ -290,15 +166,15 @@ def _text_task(rng: random.Random, split: str):
     body, avoid_sentence = pool[:n], None
     if "avoid" in fams:  # a content word the natural answer would use, with enough sentences left without it
         banned = _NEVER_AVOID | set(topic.split()) | (TRAIN_VOCAB if split == "eval" else set())
-        usable = lambda w: (w not in banned and sum(not _has_word(w, s) for s in pool) >= n
-                            and not (is_tip and _has_word(w, tip)))  # a tip request keeps its tip
+        usable = lambda w: (w not in banned and sum(not has_word(w, s) for s in pool) >= n
+                            and not (is_tip and has_word(w, tip)))  # a tip request keeps its tip
         cands = sorted({w for s in pool[:n + is_tip] for w in re.findall(r"[a-z]{4,}", s.lower()) if usable(w)})
         cands = cands or sorted({w for w in pool_words if len(w) >= 4 and usable(w)})
         if not cands:
             return None
         v["avoid"] = rng.choice(cands)
-        body = [s for s in pool if not _has_word(v["avoid"], s)][:n]
-        avoid_sentence = next(s for s in pool if _has_word(v["avoid"], s))
+        body = [s for s in pool if not has_word(v["avoid"], s)][:n]
+        avoid_sentence = next(s for s in pool if has_word(v["avoid"], s))
     cons = [{"type": f, "value": v.get(f)} for f in fams]
     plan = {"constraints": cons, "body": body, "extras": [s for s in pool if s not in body],
             "avoid_sentence": avoid_sentence, "keyword_sentence": kw_sentence.format(v["keyword"])}
@@ -376,78 +252,6 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
     return counts
 
 
-# ---------------------------------------------------------------------------------------- on-policy pairs
-def best_vs_worst(rows: list[dict], texts: list[str], scores: list[float], k: int, label_noise: float = 0.0,
-                  seed: int = 0) -> tuple[list[dict], dict]:
-    """UltraFeedback-style pairs from k judged completions per row (prompt-major): best is chosen, worst rejected.
-
-    A tie (best score == worst score, or the same text) carries no preference and is dropped. With label_noise T > 0,
-    each pair is flipped with the Bradley-Terry probability 1 - sigmoid((s_best - s_worst) / T): annotators who
-    disagree more often the closer the two responses are (T -> inf: a coin flip; T = 0: never).
-    """
-    rng, pairs, ties, flipped = random.Random(f"{seed}/label-noise"), [], 0, 0
-    for i, row in enumerate(rows):
-        group = list(zip(scores[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]))
-        (hi, best), (lo, worst) = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
-        if hi == lo or best == worst:
-            ties += 1
-            continue
-        flip = label_noise > 0 and rng.random() < 1 - 1 / (1 + math.exp(-(hi - lo) / label_noise))
-        flipped += flip
-        (c, sc), (r, sr) = ((worst, lo), (best, hi)) if flip else ((best, hi), (worst, lo))
-        meta = {key: v for key, v in row.items() if key not in ("prompt", "line", "reference")}
-        pairs.append({"prompt": row["prompt"], "chosen": c, "rejected": r, **meta, "chosen_score": sc,
-                      "rejected_score": sr})
-    return pairs, {"pairs": len(pairs), "ties": ties, "flipped": flipped, "prompts": len(rows)}
-
-
-@dataclasses.dataclass
-class PairsConfig:
-    model: str = ""  # policy to sample from (preset, alias, checkpoint dir, .gguf)
-    prompts: str = ""  # prompts JSONL (with task metadata for the gold judge)
-    out: str = ""  # output preference JSONL: prompt, chosen, rejected, the prompt's metadata, both scores
-    k: int = 4  # completions sampled per prompt
-    temperature: float = 1.0  # sampling temperature (> 0: k greedy samples would be identical)
-    max_new_tokens: int = 96  # per completion
-    seed: int = 0  # sampling and label-noise seed
-    label_noise: float = 0.0  # Bradley-Terry temperature T of annotator noise (0 = clean labels)
-    judge: str = "gold"  # gold, or a reward-model checkpoint dir
-    limit: int = 0  # use only the first N prompts (0 = all)
-    batch_size: int = 16  # generation batch
-    device: str = "cpu"  # cpu or cuda
-    bf16: bool = False  # sample from a bf16 copy of the weights (~1.35x faster decoding at batch 8 on this CPU)
-
-
-def _pairs_main(cfg: PairsConfig) -> dict:
-    from .data import read_prompts
-    from .evaluate import make_judge, sample
-    from .hub import load
-    for f in ("model", "prompts", "out"):
-        cli.check(getattr(cfg, f) != "", f"--{f} is required")
-    cli.check(cfg.k >= 2, f"--k must be >= 2, got {cfg.k}")
-    cli.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
-    cli.check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
-    cli.check(cfg.label_noise >= 0, f"--label-noise must be >= 0, got {cfg.label_noise}")
-    cli.check(cfg.limit >= 0 and cfg.batch_size > 0, "--limit must be >= 0 and --batch-size > 0")
-    cli.check(not os.path.isdir(cfg.out), f"{cfg.out}: is a directory, not a file path")
-    rows = read_prompts(cfg.prompts)[:cfg.limit or None]
-    check_rows(rows, cfg.prompts, need_all=cfg.judge == "gold")
-    judge = make_judge(cfg.judge, cfg.device)
-    model, tok = load(cfg.model, cfg.device)
-    samples = sample(model.eval(), tok, [r["prompt"] for r in rows], cfg.k, cfg.temperature, cfg.max_new_tokens,
-                     cfg.seed, cfg.batch_size, cfg.bf16)
-    texts = [s[2] for s in samples]
-    scores = judge([r for r in rows for _ in range(cfg.k)], texts)
-    pairs, stats = best_vs_worst(rows, texts, scores, cfg.k, cfg.label_noise, cfg.seed)
-    cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
-              "the same); try a higher --temperature or a larger --k")
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    _write_jsonl(cfg.out, pairs)
-    print(f"wrote {len(pairs)} pairs to {cfg.out} ({stats['ties']} of {len(rows)} prompts dropped as ties; "
-          f"{stats['flipped']} labels flipped by --label-noise {cfg.label_noise})")
-    return stats
-
-
 @dataclasses.dataclass
 class MakeConfig:
     out: str = ""  # output directory for sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl
@@ -476,7 +280,8 @@ def main(argv=None):
               "--out F [--k 4] [--label-noise T] [--judge gold|RM_DIR] ...", file=sys.stderr)
         sys.exit(2)
     if argv[0] == "pairs":
-        return cli.run(_pairs_main, PairsConfig, argv[1:])
+        from .pairs import PairsConfig, pairs_main
+        return cli.run(pairs_main, PairsConfig, argv[1:])
     return cli.run(_make_main, MakeConfig, argv[1:])
 
 

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from nanoalign import hub
 from nanoalign.cli import UserError
 from nanoalign.data import collate_packed, collate_sft, pack_sft, read_sft, tokenize_sft
 from nanoalign.logprobs import token_logprobs

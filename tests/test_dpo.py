@@ -16,8 +16,9 @@ from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 sys.path.insert(0, ROOT)
 import train_dpo  # noqa: E402
 from nanoalign import hub  # noqa: E402
-from nanoalign.data import collate_pairs, collate_unpaired, pairs_to_unpaired, read_prefs  # noqa: E402
-from nanoalign.data import tokenize_prefs, tokenize_unpaired  # noqa: E402
+from nanoalign.data import read_prefs  # noqa: E402
+from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired, tokenize_prefs  # noqa: E402
+from nanoalign.prefs import tokenize_unpaired  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.lora import apply_lora  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402

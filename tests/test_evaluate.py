@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_user_error, run_cli
 
-from nanoalign import evaluate, hub, tasks
+from nanoalign import evaluate, hub, judge, tasks
 from nanoalign.checkpoint import save_checkpoint
 from nanoalign.data import read_prompts, read_prefs
 
@@ -156,7 +156,7 @@ def test_best_of_n_is_at_least_the_single_sample_mean_for_the_draws(tmp_path, mo
     res = evaluate.main(evaluate.Config(model="tiny", prompts=str(prompts), best_of_n=4, seed=3,
                                         write_best=str(best_file)))
     rows = stub_rows(30)
-    gold = lambda t, r: tasks.score(t, r)
+    gold = lambda t, r: judge.score(t, r)
     single = [gold(s[2], r) for s, r in zip(stub_sample(None, None, [r["prompt"] for r in rows], seed=3), rows)]
     assert res["gold_mean"] == pytest.approx(sum(single) / 30)
     # best-of-n draws its own 4 samples (seed + 1); its mean is the mean over prompts of the best of THOSE samples

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanoalign.cli import UserError
-from nanoalign.data import (ROLES, check_messages, read_prefs, read_prompts, read_sft, read_unpaired, tokenize_prefs,
-                            tokenize_sft, tokenize_unpaired)
+from nanoalign.data import ROLES, check_messages, read_prefs, read_prompts, read_sft, read_unpaired, tokenize_sft
+from nanoalign.prefs import tokenize_prefs, tokenize_unpaired
 from nanoalign.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -115,8 +115,9 @@ def read(reader, data: bytes):
             msg = str(e)
             m = re.match(re.escape(path) + r":(\d+): \S", msg)
             assert m or msg == f"{path}: empty file", msg
-            if m:
-                assert 1 <= int(m.group(1)) <= data.count(b"\n") + 1, msg
+            if m:  # the named line is one that holds something: blank lines are skipped, never blamed
+                lines = data.split(b"\n")
+                assert 1 <= int(m.group(1)) <= len(lines) and lines[int(m.group(1)) - 1].strip(), msg
             assert "\n" not in msg, msg
             return None, path
     finally:

@@ -4,10 +4,10 @@ import threading
 import pytest
 import torch
 
-from nanoalign.losses import (AdaptiveKLController, FixedKLController, bradley_terry_loss, explained_variance, gae,
-                              grpo_advantages, kl_penalty, kto_loss, log1mexp, masked_mean, masked_sum, orpo_loss,
-                              per_token_rewards, ppo_policy_loss, ppo_value_loss, preference_loss, rloo_advantages,
-                              sft_loss, token_mean, whiten)
+from nanoalign.losses import (bradley_terry_loss, kto_loss, log1mexp, masked_mean, masked_sum, orpo_loss,
+                              preference_loss, sft_loss, whiten)
+from nanoalign.rl import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages, kl_penalty,
+                          per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages, token_mean)
 
 t = torch.tensor
 LN3 = math.log(3)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
+from conftest import ROOT, assert_user_error, run_cli
 from safetensors.torch import load_file
 
 sys.path.insert(0, ROOT)
@@ -14,7 +14,7 @@ import train_ppo  # noqa: E402
 from nanoalign import hub, loop  # noqa: E402
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanoalign.cli import UserError, parse_cli  # noqa: E402
-from nanoalign.losses import AdaptiveKLController  # noqa: E402
+from nanoalign.rl import AdaptiveKLController  # noqa: E402
 
 TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
 

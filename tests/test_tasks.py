@@ -5,8 +5,9 @@ import statistics
 
 import pytest
 
-from nanoalign import tasks
-from nanoalign.tasks import check, score, score_by_family
+from nanoalign import judge, tasks
+from nanoalign.pairs import best_vs_worst
+from nanoalign.judge import check, score, score_by_family
 
 
 def c(type_, value=True, **extra):
@@ -54,7 +55,7 @@ def test_start_and_end_are_exact_up_to_surrounding_whitespace():
 
 def test_word_limit_counts_words_not_punctuation():
     text = '- "Hello, world!" It\'s fine — 42 { }'  # Hello world It's fine 42 = 5 words
-    assert len(tasks.words(text)) == 5
+    assert len(judge.words(text)) == 5
     assert check(c("word_limit", 5, relation="at_most"), text)
     assert not check(c("word_limit", 4, relation="at_most"), text)
     assert check(c("word_limit", 5, relation="at_least"), text)
@@ -194,7 +195,7 @@ def test_constraints_are_compatible_and_stated_in_the_prompt(made):
 
 def test_demonstrations_are_short(made):
     _, f = made
-    n = sorted(len(tasks.words(r["messages"][1]["content"])) for r in f["sft"])
+    n = sorted(len(judge.words(r["messages"][1]["content"])) for r in f["sft"])
     assert statistics.mean(n) <= 30 and n[int(0.9 * len(n))] <= 45 and n[-1] <= 70
 
 
@@ -246,7 +247,7 @@ def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
             {"prompt": msgs, "topic": "x", "reference": "r", "line": 3}, {"prompt": "p3", "line": 4}]
     texts = ["a", "b", "c", "d", "e", "f", "g", "h", "g", "y", "y", "y"]
     scores = [0.5, 1.0, 0.0, 0.5, 0.5, 0.5, 1.0, 0.25, 1.0, 0.2, 0.1, 0.2]  # row 3: one text, RM float noise
-    pairs, stats = tasks.best_vs_worst(rows, texts, scores, k=3)
+    pairs, stats = best_vs_worst(rows, texts, scores, k=3)
     assert stats == {"pairs": 2, "ties": 2, "flipped": 0, "prompts": 4}
     assert pairs == [
         {"prompt": "p0", "chosen": "b", "rejected": "c", "topic": "tea", "chosen_score": 1.0, "rejected_score": 0.0},
@@ -255,7 +256,7 @@ def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
 
 def noisy_flips(T, seed=0, n=2000):
     rows = [{"prompt": f"p{i}"} for i in range(n)]
-    pairs, stats = tasks.best_vs_worst(rows, ["good", "bad"] * n, [1.0, 0.0] * n, 2, label_noise=T, seed=seed)
+    pairs, stats = best_vs_worst(rows, ["good", "bad"] * n, [1.0, 0.0] * n, 2, label_noise=T, seed=seed)
     assert stats["flipped"] == sum(p["chosen"] == "bad" for p in pairs)
     assert all((p["chosen_score"] < p["rejected_score"]) == (p["chosen"] == "bad") for p in pairs)
     return pairs, stats["flipped"] / n
