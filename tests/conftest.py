@@ -25,6 +25,17 @@ def smollm2():
     return model.eval(), tok
 
 
+@pytest.fixture(scope="session")
+def rm_dir(tmp_path_factory):
+    """A tiny reward-model checkpoint (random score head, seed 0), for tests that need an RM judge."""
+    from nanoalign.checkpoint import save_checkpoint
+    d = tmp_path_factory.mktemp("rm")
+    model, tok = hub.load("tiny")
+    model.add_score_head(seed=0)
+    save_checkpoint(str(d), model, tok)
+    return d
+
+
 def run_cli(args, cwd=ROOT, env=None, timeout=600):
     """Run `python ARGS...` in a subprocess; returns CompletedProcess with text output."""
     e = {**os.environ, **(env or {})}

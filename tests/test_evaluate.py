@@ -170,15 +170,6 @@ def test_best_of_n_is_at_least_the_single_sample_mean_for_the_draws(tmp_path, mo
 
 
 # --------------------------------------------------------------------------------------- reward-model judge
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rm")
-    model, tok = hub.load("tiny")
-    model.add_score_head(seed=0)
-    save_checkpoint(str(d), model, tok)
-    return d
-
-
 def test_rm_scores_are_read_at_the_last_real_token_whatever_the_padding(rm_dir):
     rm, tok = hub.load(str(rm_dir))
     prompts, texts = ["Describe tea.", "Hi"], ["Tea is a warm drink made from leaves.", "ok"]

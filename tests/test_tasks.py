@@ -297,17 +297,6 @@ def test_pairs_cli_with_gold_judge(tmp_path, monkeypatch, capsys):
         assert (r["chosen_score"], r["rejected_score"]) == (max(drawn), min(drawn))
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    from nanoalign import hub
-    from nanoalign.checkpoint import save_checkpoint
-    d = tmp_path_factory.mktemp("rm")
-    model, tok = hub.load("tiny")
-    model.add_score_head(seed=0)
-    save_checkpoint(str(d), model, tok)
-    return d
-
-
 def test_pairs_on_tiny_model_with_rm_judge_are_deterministic_per_seed(made, rm_dir, tmp_path):
     from nanoalign import evaluate, hub
     d, _ = made
