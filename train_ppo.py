@@ -57,9 +57,9 @@ from nanoalign.judge import score as gold_score
 from nanoalign.logprobs import logprobs_chunked
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import whiten
+from nanoalign.model import last_token_index
 from nanoalign.rl import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages, kl_penalty,
                           per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages, token_mean)
-from nanoalign.model import last_token_index
 
 
 @dataclass
