@@ -16,8 +16,11 @@ where log π(y|x) is the SUM of the response's token log-probs, y_w the chosen a
 --rpo-alpha α adds α·NLL(y_w) to the paired losses (RPO, Pang et al. 2024; the Llama 3 recipe): pure DPO may push
 the chosen response's likelihood down with the rejected one's, and with it the EOS that ends it.
 
-Chosen and rejected of B pairs run as ONE (2B, T) batch, so one forward pass scores both halves with the same
-masks. Log-probs come from the final hidden states through nanoalign.logprobs (chunked, fp32, and only response
+Each pair runs as ONE row [prompt | chosen | rejected] (prefix sharing, prefs.collate_shared): both responses
+continue from the prompt's positions and see the prompt and themselves only, so the prompt's forward and backward
+run once instead of twice and the log-probs equal those of two separate rows (--share-prompt false: the B chosen
+and B rejected rows as one (2B, T) batch). Either way one forward pass scores both halves with the same masks.
+Log-probs come from the final hidden states through nanoalign.logprobs (chunked, fp32, and only response
 positions reach the lm_head). The reference is the SAME model with its LoRA adapter disabled (`with
 disable_adapter(model)`, no grad), which is exactly the SFT model, because each stage saves a merged checkpoint.
 With --lora-rank 0 the reference is a frozen copy, or --precompute-ref computes the reference log-probs of the
@@ -46,10 +49,12 @@ import torch
 from nanoalign import loop
 from nanoalign.cli import Logger, check
 from nanoalign.data import read_jsonl, read_prefs, read_unpaired
-from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired, tokenize_prefs, tokenize_unpaired
-from nanoalign.logprobs import token_logprobs
+from nanoalign.prefs import (collate_pairs, collate_shared, collate_unpaired, pairs_to_unpaired, tokenize_prefs,
+                             tokenize_unpaired)
+from nanoalign.logprobs import branch_logprobs, token_logprobs
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import kto_loss, orpo_loss, preference_loss
+from nanoalign.model import compile_pointwise
 
 LOSSES = ("sigmoid", "cdpo", "robust", "ipo", "simpo", "orpo", "kto")
 
@@ -68,6 +73,7 @@ class Config:
     orpo_lambda: float = 0.1  # λ: weight of ORPO's odds-ratio term next to the chosen NLL
     rpo_alpha: float = 0.0  # α: + α·NLL(y_w), the chosen response's token-average NLL (RPO; TRL's rpo_alpha)
     precompute_ref: bool = False  # reference log-probs computed once before training; no reference model kept
+    share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
     max_steps: int = 200  # optimizer steps
     batch_size: int = 4  # pairs (kto: rows) per micro-batch on each rank; a pair is 2 rows in the forward pass
     grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks
@@ -86,7 +92,7 @@ class Config:
     nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank); the reference is that NF4 base
     bf16: bool = False  # bf16 autocast for the model (log-probs and loss stay fp32)
     device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile the model and the log-prob kernels (lengths bucketed to multiples of 64)
+    compile: bool = False  # torch.compile the pointwise kernels (RMSNorm, RoPE, SwiGLU, log-softmax): ~10% faster
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
@@ -95,11 +101,19 @@ class Config:
 
 
 def sequence_logps(model, batch, cfg, device):
-    """Summed response log-probs (N,) fp32 and response lengths (N,) of a collated batch (pad by position)."""
-    ids, att, resp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+    """Summed response log-probs (N,) fp32 and response lengths (N,) of a collated batch (pad by position).
+    A shared-prompt batch (B rows, one pair each) gives the same (2B,) layout: chosen, then rejected."""
+    b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    ids, att, resp = b["input_ids"], b["attention_mask"], b["response_mask"]
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
-        lp = token_logprobs(model, ids, att, resp, compiled=cfg.compile)  # (N, T-1), 0 off the response
-    return lp.sum(-1), resp[:, 1:].sum(-1).clamp(min=1).float()  # target t+1 is scored at position t
+        if "branch_ids" not in b:
+            lp = token_logprobs(model, ids, att, resp, compiled=cfg.compile)  # (N, T-1), 0 off the response
+            return lp.sum(-1), resp[:, 1:].sum(-1).clamp(min=1).float()  # target t+1 is scored at position t
+        lp = branch_logprobs(model, ids, att, b["position_ids"], b["branch_ids"], b["prev_index"], resp,
+                             compiled=cfg.compile)  # (B, T), aligned with ids
+    per = [(b["branch_ids"] == k).float() for k in (1, 2)]  # chosen, rejected
+    return (torch.cat([(lp * m).sum(-1) for m in per]),
+            torch.cat([(resp * m).sum(-1) for m in per]).clamp(min=1))
 
 
 @torch.no_grad()
@@ -215,22 +229,22 @@ def main(cfg: Config) -> dict:
     if cfg.lora_rank == 0 and not cfg.precompute_ref and cfg.loss not in ("simpo", "orpo"):
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
     model.train()
-    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.compile:  # fused RMSNorm/RoPE/SwiGLU (the matmuls and attention stay eager)
+        compile_pointwise()
     params = loop.trainable(model)
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
     # 3. tokenize: prompt ids + response ids (ending with <|im_end|>); pairs collate chosen-then-rejected into one
     #    (2B, T) batch, kto rows into (B, T) plus the mismatched (B, T) batch for z0
-    bucket = 64 if cfg.compile else 1  # a bounded set of shapes -> bounded recompiles
     tokenize = tokenize_unpaired if kto else tokenize_prefs
     examples = tokenize(tok, rows, cfg.max_len, cfg.data, rank == 0)
     eval_examples = tokenize_prefs(tok, eval_rows, cfg.max_len, cfg.eval_data, rank == 0) if eval_rows else []
 
     def collate(exs):
-        return collate_pairs(exs, tok.pad_id, cfg.max_len, bucket)
+        return (collate_shared if cfg.share_prompt else collate_pairs)(exs, tok.pad_id, cfg.max_len)
 
     def collate_kto(exs):
-        return collate_unpaired(exs, tok.pad_id, cfg.max_len, mismatched=True, multiple_of=bucket)
+        return collate_unpaired(exs, tok.pad_id, cfg.max_len, mismatched=True)
 
     if cfg.precompute_ref and cfg.loss not in ("simpo", "orpo"):
         t0 = time.time()
@@ -261,10 +275,10 @@ def main(cfg: Config) -> dict:
             if kto:
                 batch = collate_kto(exs)
                 kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
-                logps, _ = sequence_logps(fwd, batch, cfg, device)  # (B,)
+                logps, _ = sequence_logps(model, batch, cfg, device)  # (B,)
                 ref = reference_logps(model, ref_model, batch, cfg, device)
                 with torch.no_grad():  # z0 is detached: the mismatched pairs need no graph
-                    kl_policy = sequence_logps(fwd, kl_batch, cfg, device)[0]
+                    kl_policy = sequence_logps(model, kl_batch, cfg, device)[0]
                 kl_ref = reference_logps(model, ref_model, kl_batch, cfg, device)
                 labels = batch["labels"].to(device)
                 losses, rewards, _ = kto_loss(logps, ref, labels, kl_policy, kl_ref, cfg.beta)
@@ -272,7 +286,7 @@ def main(cfg: Config) -> dict:
                 stats += stats_of(c, r, ((rewards > 0) == labels).sum(), len(exs))  # right sign of reward
             else:
                 batch = collate(exs)  # (2B, T): chosen rows, then rejected rows
-                logps, lengths = sequence_logps(fwd, batch, cfg, device)  # (2B,)
+                logps, lengths = sequence_logps(model, batch, cfg, device)  # (2B,)
                 ref = reference_for(exs, batch, model, ref_model, cfg, device)
                 losses, c, r = pair_losses(cfg.loss, cfg, logps, lengths, ref)
                 stats += stats_of(c, r, (c > r).sum(), len(exs))

@@ -8,8 +8,9 @@ Ouyang et al. 2022 ("InstructGPT", §3.5, eq. 1), after Stiennon et al. 2020 and
 m is --margin (Llama 2 uses a per-pair margin from the annotators' rating gap; here one constant). The second term is
 --center-rewards (Eisenstein et al. 2023; TRL's center_rewards_coefficient, λ ≈ 0.01): BT only sees differences, so
 without it the rewards drift by an arbitrary constant, which a PPO value head then has to chase.
-The head is an nn.Linear(d, 1) with std 1/√(d+1) (lm-human-preferences); chosen and rejected of B pairs run as ONE
-(2B, T) batch. The model starts from the SFT checkpoint (RMs that start elsewhere stall near 50% accuracy) and is
+The head is an nn.Linear(d, 1) with std 1/√(d+1) (lm-human-preferences); each pair runs as ONE row
+[prompt | chosen | rejected] whose responses see the prompt and themselves only (prefs.collate_shared: the prompt
+runs once; --share-prompt false: a (2B, T) batch of chosen rows, then rejected rows). The model starts from the SFT checkpoint (RMs that start elsewhere stall near 50% accuracy) and is
 saved as an HF LlamaForSequenceClassification (score.weight, num_labels 1).
 
 Run:
@@ -33,11 +34,11 @@ import torch
 from nanoalign import loop
 from nanoalign.cli import Logger, check
 from nanoalign.data import read_prefs
-from nanoalign.prefs import collate_pairs, tokenize_prefs
+from nanoalign.prefs import collate_pairs, collate_shared, tokenize_prefs
 from nanoalign.hub import load
 from nanoalign.lora import apply_lora
 from nanoalign.losses import bradley_terry_loss
-from nanoalign.model import last_token_index
+from nanoalign.model import compile_pointwise, last_token_index
 from nanoalign.nf4 import quantize_nf4_
 
 @dataclass
@@ -62,8 +63,9 @@ class Config:
     nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank; the score head stays fp32)
     margin: float = 0.0  # m in -log sigmoid(r_c - r_r - m): chosen must win by at least this much
     center_rewards: float = 0.0  # lambda of lambda*(r_c + r_r)^2, pulls rewards toward mean 0 (0.01 is typical)
+    share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
     device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile the model (padded lengths bucketed to multiples of 64)
+    compile: bool = False  # torch.compile the pointwise kernels (RMSNorm, RoPE, SwiGLU, log-softmax): ~10% faster
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
@@ -73,13 +75,20 @@ class Config:
 
 
 def rewards_of(model, batch, device, bf16=False):
-    """Scalar reward per row (N,), fp32: the score head on the final hidden state of the last real token."""
-    ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    """Scalar reward per row (N,), fp32: the score head on the final hidden state of the last real token.
+    A shared-prompt batch (B rows [prompt | chosen | rejected]) gives the same (2B,): chosen, then rejected."""
+    b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    ids, att = b["input_ids"], b["attention_mask"]
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-        hidden = model(ids, att, return_hidden=True).float()  # (N, T, C); the head and the loss stay fp32
-    last = last_token_index(att)  # (N,) by position, never by id: pad == EOS (pitfall 1)
-    h = hidden[torch.arange(len(last), device=device), last]  # (N, C)
-    return model.score(h).squeeze(-1).float()  # (N,)
+        hidden = model(ids, att, position_ids=b.get("position_ids"), branch_ids=b.get("branch_ids"),
+                       return_hidden=True).float()  # (N, T, C); the head and the loss stay fp32
+    if "last_index" in b:  # each response's last token: (B, 2) -> chosen column, then rejected column
+        last = b["last_index"].T.reshape(-1)  # (2B,)
+        rows = torch.arange(len(ids), device=device).repeat(2)
+    else:
+        last = last_token_index(att)  # (N,) by position, never by id: pad == EOS (pitfall 1)
+        rows = torch.arange(len(last), device=device)
+    return model.score(hidden[rows, last]).squeeze(-1).float()  # (N,)
 
 
 def pair_stats(chosen, rejected) -> torch.Tensor:
@@ -139,17 +148,17 @@ def main(cfg: Config) -> dict:
     if cfg.lora_rank > 0:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, trainable=("score",))
     model.train()
-    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.compile:  # fused RMSNorm/RoPE/SwiGLU (the matmuls and attention stay eager)
+        compile_pointwise()
     params = loop.trainable(model)
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
     # 3. tokenize: prompt ids + response ids (ending with <|im_end|>); chosen and rejected collate into one batch
     examples = tokenize_prefs(tok, rows, cfg.max_len, cfg.data, rank == 0)
     eval_examples = tokenize_prefs(tok, eval_rows, cfg.max_len, cfg.eval_data, rank == 0) if eval_rows else []
-    bucket = 64 if cfg.compile else 1  # a bounded set of shapes -> bounded recompiles
 
     def collate(exs):
-        return collate_pairs(exs, tok.pad_id, cfg.max_len, bucket)
+        return (collate_shared if cfg.share_prompt else collate_pairs)(exs, tok.pad_id, cfg.max_len)
 
     # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights
     #    (adapters + head), optimizer, RNGs and the step
@@ -172,7 +181,7 @@ def main(cfg: Config) -> dict:
         # 6. forward + backward per micro-batch: summed pair losses / global pairs, so the gradients add up exactly
         loss_sum = torch.zeros((), device=device)
         for m in micro:
-            rewards = rewards_of(fwd, m, device, cfg.bf16)  # (2B,)
+            rewards = rewards_of(model, m, device, cfg.bf16)  # (2B,)
             chosen, rejected = rewards.chunk(2)  # (B,), (B,)
             # (B,): −log σ(r_c − r_r − m) + λ·(r_c + r_r)², summed / the global pair count
             mloss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_rewards).sum() / n_pairs
@@ -198,7 +207,7 @@ def main(cfg: Config) -> dict:
         metrics = {}
         last = step + 1 == cfg.max_steps
         if eval_examples and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            metrics = eval_metrics = evaluate(fwd, eval_examples, collate, cfg, device, rank, world)
+            metrics = eval_metrics = evaluate(model, eval_examples, collate, cfg, device, rank, world)
         if (step + 1) % cfg.log_every == 0 or step == start or last or metrics:
             now = time.time()
             train_metrics = summarize(loop.all_reduce_sum(stats))

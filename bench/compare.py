@@ -9,7 +9,8 @@ peak_rss_mb (VmHWM: the process's peak resident set, imports and model included)
     sft       one optimizer step, 4 rows x 256 tokens, loss on every token. Ours: bench/train_step.py's worker.
               Peer: trl.SFTTrainer + peft.LoraConfig on pre-tokenized {"input_ids"} rows of exactly 256 tokens.
     dpo       one optimizer step, 4 pairs, each a 64-token prompt + a 64-token completion, the reference log-probs
-              taken with the adapter disabled every step. Ours: bench/train_step.py's worker. Peer: trl.DPOTrainer
+              taken with the adapter disabled every step. Ours: bench/train_step.py's worker, which collates as
+              train_dpo.py does (4 shared-prompt rows [prompt | chosen | rejected]). Peer: trl.DPOTrainer
               (ref_model=None + peft_config, so the reference is the adapter-disabled policy) on prompt/chosen/rejected
               strings of single-token words that tokenize to exactly 64 tokens each (TRL appends the EOS).
     generate  batch 8, random 32-token prompts, 64 new tokens, pure sampling at T=1, EOS never stops a row.
@@ -43,7 +44,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("sft", "dpo", "generate", "logprobs")
-SIDES = {"sft": ("nanoalign", "peer"), "dpo": ("nanoalign", "peer"),
+SIDES = {"sft": ("nanoalign", "peer", "nanoalign-compiled"), "dpo": ("nanoalign", "peer", "nanoalign-compiled"),
          "generate": ("nanoalign", "peer", "nanoalign-bf16"), "logprobs": ("nanoalign", "peer", "trl-fused")}
 PEER_NAMES = {"sft": "trl-sft+peft", "dpo": "trl-dpo+peft", "generate": "hf-generate",
               "logprobs": "trl-selective_log_softmax"}
@@ -176,10 +177,10 @@ def single_token_words(tok) -> list[str]:
 
 # ---- the nanoalign sides ----
 
-def ours_train(workload: str, warmup: int, steps: int, sh: dict) -> dict:
+def ours_train(workload: str, warmup: int, steps: int, sh: dict, compiled: bool = False) -> dict:
     from train_step import worker  # bench/train_step.py: the step the scripts take (this directory is sys.path[0])
     seq_len = sh["sft_len"] if workload == "sft" else sh["dpo_prompt"] + sh["dpo_completion"]
-    row = worker(workload, warmup, steps, "smollm2-135m-instruct", seq_len=seq_len)
+    row = worker(workload, warmup + compiled, steps, "smollm2-135m-instruct", seq_len=seq_len, compiled=compiled)
     for k in ("peer", "ratio", "goal_met"):  # train_step's ratios are to figures measured elsewhere
         row.pop(k, None)
     return row
@@ -245,8 +246,9 @@ def logprobs_side(side: str, warmup: int, steps: int, sh: dict) -> dict:
 
 def child(workload: str, side: str, warmup: int, steps: int, sh: dict) -> dict:
     if workload in ("sft", "dpo"):
-        return ours_train(workload, warmup, steps, sh) if side == "nanoalign" else peer_train(workload, warmup,
-                                                                                              steps, sh)
+        if side == "peer":
+            return peer_train(workload, warmup, steps, sh)
+        return ours_train(workload, warmup, steps, sh, compiled=side == "nanoalign-compiled")
     if workload == "generate":
         return generate_side(side, steps, sh)
     return logprobs_side(side, warmup, steps, sh)
@@ -263,12 +265,18 @@ def compare(workload: str, rows: dict, sh: dict, quick: bool) -> dict:
     ours, peer = rows["nanoalign"], rows["peer"]
     ratio = ratios(ours, peer)
     goal = GOALS[workload]
-    met = all(ratio[k] >= v if k == "tokens_per_s" else ratio[k] <= v for k, v in goal.items())
-    line = {"workload": workload, "nanoalign": ours, "peer": peer, "ratio": ratio, "goal": goal, "goal_met": met}
-    for extra in SIDES[workload][2:]:  # generate: our bf16 sampling copy; logprobs: TRL's own chunked head
-        key = {"nanoalign-bf16": "nanoalign_bf16", "trl-fused": "peer_trl_fused"}[extra]
+
+    def met(r: dict) -> bool:
+        return all(r[k] >= v if k == "tokens_per_s" else r[k] <= v for k, v in goal.items())
+
+    line = {"workload": workload, "nanoalign": ours, "peer": peer, "ratio": ratio, "goal": goal, "goal_met": met(ratio)}
+    for extra in SIDES[workload][2:]:  # sft/dpo: our --compile; generate: our bf16 sampling copy; logprobs: TRL's
+        key = {"nanoalign-bf16": "nanoalign_bf16", "trl-fused": "peer_trl_fused",  # own chunked head
+               "nanoalign-compiled": "nanoalign_compiled"}[extra]
         line[key] = rows[extra]
         line[f"ratio_{key}"] = ratios(ours, rows[extra]) if extra == "trl-fused" else ratios(rows[extra], peer)
+    if "ratio_nanoalign_compiled" in line:
+        line["goal_met_compiled"] = met(line["ratio_nanoalign_compiled"])
     if workload == "logprobs":
         line["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")
     line["quick"] = quick

@@ -1,22 +1,25 @@
 """Benchmark one optimizer step of SFT, DPO and the reward model on the standard workload.
 
 Run: python bench/train_step.py [--algo sft|dpo|rm|all] [--warmup 2] [--steps 5] [--init tiny (a quick check)]
+                                [--compile] [--share-prompt 0]
 Workload: SmolLM2-135M-Instruct (hub.load), LoRA r=16 alpha=32 on all linear layers of the blocks, fp32, CPU,
 torch.set_num_threads(2); synthetic random token ids (no data files).
     sft  4 rows x 256 tokens, loss on every token
-    dpo  4 pairs, each a 64-token prompt + a 64-token completion: one (8, 128) policy forward + backward, and the
-         reference forward (adapter disabled, no grad) every step, as train_dpo.py does without --precompute-ref
-    rm   4 pairs as for dpo: the score head at the last real token, Bradley-Terry loss
-The step is built from the same nanoalign functions the scripts use (token_logprobs, sft_loss, preference_loss,
-bradley_terry_loss, disable_adapter, loop.make_optimizer / clip_and_step). Each algo runs in a fresh subprocess;
+    dpo  4 pairs, each a 64-token prompt + a 64-token completion, collated as train_dpo.py does: 4 shared-prompt rows
+         [prompt | chosen | rejected] of 192 tokens (--share-prompt 0: 8 rows of 128), one policy forward +
+         backward, and the reference forward (adapter disabled, no grad) every step, as without --precompute-ref
+    rm   4 pairs as for dpo: the score head at each response's last token, Bradley-Terry loss
+The step is built from the same functions the scripts use (token_logprobs, sft_loss, train_dpo.sequence_logps,
+preference_loss, train_rm.rewards_of, bradley_terry_loss, disable_adapter, loop.make_optimizer / clip_and_step). Each algo runs in a fresh subprocess;
 after `--warmup` steps, `step_s` is the median of `--steps` timed steps. tokens_per_s counts every token in the
-batch (dpo/rm: chosen and rejected). peak_rss_mb is the process's peak resident set (VmHWM), as for the peers.
+batch as the workload states it (dpo/rm: 8 x 128, chosen and rejected, however many tokens the collation actually
+runs: processed_tokens). peak_rss_mb is the process's peak resident set (VmHWM), as for the peers.
 
-flops_per_token: model FLOPs (what the algorithm needs, not what our kernels happen to recompute), with N_body the
-frozen weights of the blocks' linear layers, N_lora the adapter weights, L layers, d width, T sequence length, V
-vocabulary and f the fraction of tokens whose log-prob is needed (the lm_head skips the rest):
-    policy (fwd + input-grad bwd):   4*N_body + 6*N_lora + 12*L*T*d (attention: QK^T and AV, x3) + 4*V*d*f
-    reference forward (dpo only):    2*N_body + 4*L*T*d + 2*V*d*f
+flops_per_token: model FLOPs of a step (what the algorithm needs, not what our kernels happen to recompute) per
+workload token, with N_body the frozen weights of the blocks' linear layers, N_lora the adapter weights, L layers,
+d width, T the row length, V vocabulary; per PROCESSED token, and per SCORED token for the lm_head:
+    policy (fwd + input-grad bwd):   4*N_body + 6*N_lora + 12*L*T*d (attention: QK^T and AV, x3);  + 4*V*d scored
+    reference forward (dpo only):    2*N_body + 4*L*T*d;  + 2*V*d scored
     rm: no lm_head (the score head's 6*d is negligible)
 mfu = flops_per_token * tokens_per_s / peak, the peak measured in the same run by timing a 2048^3 fp32 torch.mm.
 Memory note: most of peak_rss_mb past step 1 is glibc heap fragmentation (freed activations stay resident): the
@@ -52,9 +55,11 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0) -> dict:
+def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, share: bool = True,
+           compiled: bool = False) -> dict:
     """One algo's benchmark row. seq_len (bench/compare.py --quick) shortens the rows; dpo/rm keep the last half as
-    the response."""
+    the response. share=False runs the pairs as (2B, T) rows instead of shared-prompt rows; compiled=True is the
+    scripts' --compile (torch.compile'd pointwise and log-prob kernels; compiling happens in the warmup steps)."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,10 +68,15 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0) -> d
     from nanoalign.logprobs import token_logprobs
     from nanoalign.lora import apply_lora, disable_adapter, lora_layers
     from nanoalign.losses import bradley_terry_loss, preference_loss, sft_loss
-    from nanoalign.model import last_token_index
+    from nanoalign.model import compile_pointwise
+    from nanoalign.prefs import collate_pairs, collate_shared
+    import train_dpo
+    import train_rm
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     torch.manual_seed(0)
+    if compiled:
+        compile_pointwise()
     model, tok = load(init)
     if algo == "rm":
         model.add_score_head()
@@ -77,27 +87,36 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0) -> d
     c = model.cfg
     V, d, L = c.vocab_size, c.hidden_size, c.num_hidden_layers
 
-    # synthetic batch: sft (4, 256) all in the loss; dpo/rm (8, 128) = 4 chosen then 4 rejected, response = last 64
+    # synthetic batch: sft (4, 256) all in the loss; dpo/rm 4 pairs of a P-token prompt + two (T-P)-token responses,
+    # as the scripts collate them: shared-prompt rows (4, P + 2(T-P)), or with share=False (8, T) chosen then rejected
     B, T, P = (4, seq_len or 256, 1) if algo == "sft" else (8, seq_len or 128, (seq_len or 128) // 2)
-    ids = torch.randint(3, V, (B, T))
-    att = torch.ones(B, T, dtype=torch.long)
-    resp = torch.zeros(B, T, dtype=torch.long)
-    resp[:, P:] = 1
+    g = torch.Generator().manual_seed(0)
+    if algo == "sft":
+        ids = torch.randint(3, V, (B, T), generator=g)
+        att = torch.ones(B, T, dtype=torch.long)
+        resp = att.clone()
+        resp[:, :P] = 0
+        processed, scored = B * T, B * (T - 1)
+    else:
+        rand = [torch.randint(3, V, (T - P,), generator=g).tolist() for _ in range(3 * B // 2)]
+        exs = [{"prompt": rand[3 * i], "chosen": rand[3 * i + 1], "rejected": rand[3 * i + 2],
+                "chosen_mask": [1] * (T - P), "rejected_mask": [1] * (T - P)} for i in range(B // 2)]
+        batch = (collate_shared if share else collate_pairs)(exs, 0, T)
+        processed, scored = int(batch["attention_mask"].sum()), B * (T - P)
+    dcfg = train_dpo.Config(bf16=False, compile=compiled)
 
     def step():
         if algo == "sft":
-            logps = token_logprobs(model, ids, att, resp)  # (B, T-1)
+            logps = token_logprobs(model, ids, att, resp, compiled=compiled)  # (B, T-1)
             loss = sft_loss(logps, resp[:, 1:])
         elif algo == "dpo":
-            logps = token_logprobs(model, ids, att, resp).sum(-1)  # (2B',)
+            logps, _ = train_dpo.sequence_logps(model, batch, dcfg, "cpu")  # (2B',) chosen then rejected
             with torch.no_grad(), disable_adapter(model):
-                ref = token_logprobs(model, ids, att, resp).sum(-1)
+                ref, _ = train_dpo.sequence_logps(model, batch, dcfg, "cpu")
             losses, _, _ = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.1)
             loss = losses.mean()
         else:
-            hidden = model(ids, att, return_hidden=True)  # (2B', T, C)
-            last = last_token_index(att)
-            rewards = model.score(hidden[torch.arange(B), last]).squeeze(-1)
+            rewards = train_rm.rewards_of(model, batch, "cpu")  # (2B',)
             loss = bradley_terry_loss(*rewards.chunk(2)).mean()
         loss.backward()
         loop.clip_and_step(opt, params, 1e-5, 1.0)
@@ -111,16 +130,18 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0) -> d
 
     n_body = sum(m.base.weight.numel() for m in lora_layers(model).values())
     n_lora = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_layers(model).values())
-    f = float(resp[:, 1:].sum()) / (B * T)
-    policy = 4 * n_body + 6 * n_lora + 12 * L * T * d + (0 if algo == "rm" else 4 * V * d * f)
-    reference = 2 * n_body + 4 * L * T * d + 2 * V * d * f if algo == "dpo" else 0
-    flops_per_token = policy + reference
+    attn = 12 * L * (T if algo == "sft" else batch["input_ids"].shape[1]) * d  # per token: QK^T and AV over the row
+    policy = processed * (4 * n_body + 6 * n_lora + attn) + (0 if algo == "rm" else scored * 4 * V * d)
+    reference = processed * (2 * n_body + attn // 3) + scored * 2 * V * d if algo == "dpo" else 0
+    flops_per_token = (policy + reference) / (B * T)  # per token of the workload (dpo/rm: 8 x 128)
     tokens_per_s = B * T / step_s
     peak = peak_flops(torch)
-    row = {"name": f"{algo}-lora16-{init}", "step_s": round(step_s, 3), "tokens_per_s": round(tokens_per_s, 1),
+    row = {"name": f"{algo}-lora16-{init}" + ("-compiled" if compiled else ""), "step_s": round(step_s, 3), "tokens_per_s": round(tokens_per_s, 1),
            "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_token": int(flops_per_token),
            "mfu": round(flops_per_token * tokens_per_s / peak, 4), "peak_gflops": round(peak / 1e9, 1),
-           "batch": B, "seq_len": T, "threads": torch.get_num_threads(), "warmup": warmup, "steps": steps,
+           "batch": B, "seq_len": T, "share_prompt": share and algo != "sft", "compiled": compiled,
+           "processed_tokens": processed,
+           "threads": torch.get_num_threads(), "warmup": warmup, "steps": steps,
            "step_s_all": [round(t, 3) for t in times]}
     if algo in PEERS:
         peer = PEERS[algo]
@@ -138,14 +159,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     ap.add_argument("--init", default="smollm2-135m-instruct", help="the model (e.g. tiny, for a quick check)")
+    ap.add_argument("--share-prompt", type=int, default=1, help="dpo/rm: 1 = shared-prompt rows, 0 = (2B, T) rows")
+    ap.add_argument("--compile", action="store_true", help="the scripts' --compile (pointwise + log-prob kernels)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.algo, args.warmup, args.steps, args.init)))
+        print(json.dumps(worker(args.algo, args.warmup, args.steps, args.init, share=bool(args.share_prompt),
+                                compiled=args.compile)))
         return
     for algo in (["sft", "dpo", "rm"] if args.algo == "all" else [args.algo]):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--algo", algo, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--init", args.init]
+               "--steps", str(args.steps), "--init", args.init, "--share-prompt", str(args.share_prompt)] + (["--compile"] if args.compile else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1], flush=True)
 

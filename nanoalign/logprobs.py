@@ -159,3 +159,20 @@ def token_logprobs(model, input_ids, attention_mask=None, labels_mask=None, temp
     logp = logprobs_chunked(sel, model.lm_head.weight, input_ids[:, 1:][keep], temperature, chunk, compiled)
     out = logp.new_zeros(B, T - 1)
     return out.masked_scatter(keep, logp)  # (B, T-1) fp32, 0 at masked positions
+
+
+def branch_logprobs(model, input_ids, attention_mask, position_ids, branch_ids, prev_index, labels_mask,
+                    temperature: float = 1.0, chunk: int = 512, compiled: bool = False):
+    """token_logprobs for rows holding one prompt and several responses (prefs.collate_shared).
+
+    Entry t of the (B, T) result is log p(input_ids[t] | the prompt and its own response so far) / T, read from the
+    hidden state at prev_index[t] (the prompt's last token for a response's first token); 0 where labels_mask or
+    attention_mask is 0. Unlike token_logprobs the result is aligned with input_ids, not shifted.
+    """
+    B, T = input_ids.shape
+    hidden = model(input_ids, attention_mask, position_ids=position_ids, branch_ids=branch_ids, return_hidden=True)
+    keep = labels_mask.bool() & attention_mask.bool()  # (B, T)
+    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
+    sel = hidden[rows[keep], prev_index[keep]]  # (K, C): the predicting hidden state of each kept token
+    logp = logprobs_chunked(sel, model.lm_head.weight, input_ids[keep], temperature, chunk, compiled)
+    return logp.new_zeros(B, T).masked_scatter(keep, logp)

@@ -17,7 +17,8 @@ sys.path.insert(0, ROOT)
 import train_dpo  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
-from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired, tokenize_prefs  # noqa: E402
+from nanoalign.prefs import collate_pairs, collate_shared, collate_unpaired, pairs_to_unpaired  # noqa: E402
+from nanoalign.prefs import tokenize_prefs  # noqa: E402
 from nanoalign.prefs import tokenize_unpaired  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.lora import apply_lora  # noqa: E402
@@ -119,6 +120,25 @@ def test_kto_mismatched_batch_pairs_prompt_i_with_completion_i_plus_1(tmp_path):
         assert b["kl_response_mask"][i].sum() == len(nxt)
 
 
+def test_collate_shared_puts_prompt_chosen_rejected_in_one_row_hand_worked():
+    ex = [{"prompt": [10, 11, 12], "chosen": [20, 21], "chosen_mask": [1, 1], "rejected": [30], "rejected_mask": [1]},
+          {"prompt": [13], "chosen": [22], "chosen_mask": [1], "rejected": [31, 32, 33], "rejected_mask": [0, 1, 1]}]
+    b = collate_shared(ex, 2, 128, multiple_of=4)  # pad id 2, rows rounded up to 8
+    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 2, 2], [13, 22, 31, 32, 33, 2, 2, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    # both responses continue from the prompt's end: rejected restarts at position len(prompt)
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 0], [0, 1, 1, 2, 3, 0, 0, 0]]
+    assert b["branch_ids"].tolist() == [[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 2, 2, 2, -1, -1, -1]]
+    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 0, 1, 1, 0, 0, 0]]
+    # each response's first token is predicted from the prompt's last token, every other token from the one before
+    assert b["prev_index"][0, :6].tolist() == [0, 0, 1, 2, 3, 2]
+    assert b["prev_index"][1, :5].tolist() == [0, 0, 0, 2, 3]
+    assert b["last_index"].tolist() == [[4, 5], [1, 4]]
+    # --max-len cuts each response to max_len - len(prompt), as collate_pairs does
+    cut = collate_shared(ex, 2, 4)
+    assert cut["input_ids"][0, :5].tolist() == [10, 11, 12, 20, 30] and cut["attention_mask"][0].sum() == 5
+
+
 # --- the loss and the log-probs ---------------------------------------------------------------------------------
 def test_dpo_loss_is_ln2_for_every_pair_when_policy_equals_reference(tmp_path):
     model, tok = hub.load("tiny")
@@ -159,6 +179,38 @@ def test_logprobs_ignore_extra_padding_and_batch_order(tmp_path):
     idx = torch.tensor(order + [4 + i for i in order])
     torch.testing.assert_close(shuffled, base[idx], atol=1e-5, rtol=0)
     assert lengths.tolist() == [len(e["chosen"]) for e in ex] + [len(e["rejected"]) for e in ex]
+
+
+@pytest.mark.parametrize("max_len", [128, 40])
+def test_shared_prompt_rows_give_the_two_row_logprobs_and_gradients(tmp_path, max_len):
+    model, tok = hub.load("tiny")
+    apply_lora(model, 4, 8.0)
+    with torch.no_grad():  # a non-zero adapter, so the gradients reach every LoRA matrix
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    c = cfg(tmp_path, "x")
+    ex = tokenize_prefs(tok, read_prefs(write_prefs(tmp_path / "prefs.jsonl", n=6)), max_len, verbose=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    two, n_two = train_dpo.sequence_logps(model, collate_pairs(ex, tok.pad_id, max_len), c, "cpu")  # (2B,)
+    g_two = torch.autograd.grad(two.sum(), params)
+    one, n_one = train_dpo.sequence_logps(model, collate_shared(ex, tok.pad_id, max_len, 8), c, "cpu")  # B rows
+    g_one = torch.autograd.grad(one.sum(), params)
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=1e-5)
+    assert n_one.tolist() == n_two.tolist()
+    for a, b in zip(g_one, g_two):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_share_prompt_run_follows_the_two_row_run(tmp_path):
+    write_prefs(tmp_path / "prefs.jsonl", n=16)
+    shared = train_dpo.main(cfg(tmp_path, "shared", max_steps=3))
+    rows = train_dpo.main(cfg(tmp_path, "rows", max_steps=3, share_prompt=False))
+    a, b = log(str(tmp_path / "shared")), log(str(tmp_path / "rows"))
+    for step in (1, 2, 3):
+        for key in ("loss", "margin", "chosen_rewards", "rejected_rewards"):
+            assert a[step][key] == pytest.approx(b[step][key], abs=2e-4), (step, key)
+    assert shared["loss"] < shared["first_loss"]
 
 
 # --- end to end ------------------------------------------------------------------------------------------------

@@ -123,3 +123,32 @@ def test_return_hidden_then_lm_head_equals_logits(tiny):
 def test_last_token_index_reads_the_last_real_position():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [2, 4, 0]
+
+
+def test_compiled_pointwise_kernels_match_eager_and_do_not_recompile_per_length():
+    from torch._dynamo.utils import counters
+    from nanoalign import model as M
+    from nanoalign.lora import apply_lora
+    model, _ = hub.load("tiny")
+    apply_lora(model, 4, 8.0)
+
+    def value_and_grads(T):
+        ids = torch.randint(3, 259, (2, T), generator=torch.Generator().manual_seed(T))
+        out = model(ids).square().mean()
+        return [out.detach()] + [g for g in torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad])]
+
+    eager = {T: value_and_grads(T) for T in (9, 17, 30)}
+    try:
+        M.compile_pointwise()
+        before = counters["stats"]["unique_graphs"]
+        compiled = value_and_grads(9)
+        frames = counters["stats"]["unique_graphs"]
+        assert frames > before  # the kernels really were compiled
+        compiled = {9: compiled, 17: value_and_grads(17), 30: value_and_grads(30)}
+        assert counters["stats"]["unique_graphs"] == frames  # dynamic shapes: new lengths reuse the graphs
+    finally:
+        M.compile_pointwise(False)
+    assert M._rms_norm is M.rms_norm  # restored
+    for T in eager:
+        for a, b in zip(compiled[T], eager[T]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

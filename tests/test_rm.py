@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_rm  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
-from nanoalign.prefs import collate_pairs, tokenize_prefs  # noqa: E402
+from nanoalign.prefs import collate_pairs, collate_shared, tokenize_prefs  # noqa: E402
 from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402  (the same separable yes/no toy set)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +60,7 @@ def test_reward_is_read_at_the_last_real_token(trained):
     with torch.no_grad():
         base = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128), "cpu")  # (8,)
         padded = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128, multiple_of=100), "cpu")
+        shared = train_rm.rewards_of(model, collate_shared(ex, tok.pad_id, 128, multiple_of=100), "cpu")  # 4 rows
         # by hand: the score head on the hidden state of the response's final <|im_end|>, one unpadded row at a time
         manual = []
         for part in ("chosen", "rejected"):
@@ -68,6 +69,7 @@ def test_reward_is_read_at_the_last_real_token(trained):
                 assert ids[0, -1] == tok.eos_id
                 manual.append(model.score(model(ids, return_hidden=True)[0, -1]).item())
     torch.testing.assert_close(padded, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, base, atol=1e-5, rtol=0)
     torch.testing.assert_close(base, torch.tensor(manual), atol=1e-5, rtol=0)
 
 
