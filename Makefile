@@ -33,11 +33,11 @@ demo: $(STAMP)
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
 		--lr 3e-4 --batch-size 8 --max-steps 20 --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
-		--lr 3e-4 --batch-size 4 --max-steps 32 --warmup 2 --max-len 256 --log-every 4
+		--lr 3e-4 --batch-size 4 --max-steps 24 --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_dpo.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/dpo $(LORA) \
-		--lr 2e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps 20 --warmup 2 --max-len 256 --log-every 4
+		--lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps 40 --warmup 2 --max-len 256 --log-every 5
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
-		--out $(DEMO)/ppo $(LORA) --lr 1e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
+		--out $(DEMO)/ppo $(LORA) --lr 1e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 1 \
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps 3
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \

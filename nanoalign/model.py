@@ -112,22 +112,17 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
-# What the modules call: the eager functions above, or after compile_pointwise() their torch.compile'd versions.
-_rms_norm, _apply_rope, _swiglu = rms_norm, apply_rope, swiglu
+_rms_norm, _apply_rope, _swiglu = rms_norm, apply_rope, swiglu  # what the modules call (see compile_pointwise)
 
 
 def compile_pointwise(enabled: bool = True):
-    """Swap in torch.compile'd RMSNorm, RoPE and SwiGLU (dynamic shapes: one graph serves every length).
-
-    Each becomes one fused loop, and its backward saves only its inputs and recomputes the cheap rest, so a step
-    runs fewer memory passes and keeps fewer activations. The matmuls and attention stay eager (the same oneDNN
-    GEMMs and SDPA either way). This is what the scripts' --compile does: compiling the whole model's training step
-    on a 2-core CPU was still compiling after 5 minutes; these three take ~20 s."""
+    """The scripts' --compile: torch.compile RMSNorm, RoPE and SwiGLU (dynamic shapes, one graph for all lengths),
+    each one fused loop whose backward saves its inputs only. Matmuls and attention stay eager. (A whole-model
+    compile of a training step was still compiling after 5 minutes on 2 CPU cores; these take ~20 s.)"""
     global _rms_norm, _apply_rope, _swiglu
-    if not enabled:  # back to eager
-        _rms_norm, _apply_rope, _swiglu = rms_norm, apply_rope, swiglu
-    elif _rms_norm is rms_norm:
-        _rms_norm, _apply_rope, _swiglu = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu))
+    fns = (rms_norm, apply_rope, swiglu)
+    if not enabled or _rms_norm is rms_norm:
+        _rms_norm, _apply_rope, _swiglu = (torch.compile(f, dynamic=True) for f in fns) if enabled else fns
 
 
 class KVCache(nn.Module):

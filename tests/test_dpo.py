@@ -205,7 +205,7 @@ def test_shared_prompt_rows_give_the_two_row_logprobs_and_gradients(tmp_path, ma
 def test_share_prompt_run_follows_the_two_row_run(tmp_path):
     write_prefs(tmp_path / "prefs.jsonl", n=16)
     shared = train_dpo.main(cfg(tmp_path, "shared", max_steps=3))
-    rows = train_dpo.main(cfg(tmp_path, "rows", max_steps=3, share_prompt=False))
+    train_dpo.main(cfg(tmp_path, "rows", max_steps=3, share_prompt=False))
     a, b = log(str(tmp_path / "shared")), log(str(tmp_path / "rows"))
     for step in (1, 2, 3):
         for key in ("loss", "margin", "chosen_rewards", "rejected_rewards"):
