@@ -75,7 +75,7 @@ class Config:
     precompute_ref: bool = False  # reference log-probs computed once before training; no reference model kept
     share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
     max_steps: int = 200  # optimizer steps
-    batch_size: int = 4  # pairs (kto: rows) per micro-batch on each rank; a pair is 2 rows in the forward pass
+    batch_size: int = 4  # pairs (kto: rows) per micro-batch on each rank
     grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks
     # 5e-5: LoRA-DPO sits between Zephyr's QLoRA 5e-6 (7B, 3 epochs) and torchtune's LoRA-DPO 5e-4; with r 16,
     # alpha 32 on a 135M model it moves the implicit rewards within ~100 steps without running away from the
@@ -234,8 +234,8 @@ def main(cfg: Config) -> dict:
     params = loop.trainable(model)
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
-    # 3. tokenize: prompt ids + response ids (ending with <|im_end|>); pairs collate chosen-then-rejected into one
-    #    (2B, T) batch, kto rows into (B, T) plus the mismatched (B, T) batch for z0
+    # 3. tokenize: prompt ids + response ids (ending with <|im_end|>); a pair collates into one shared-prompt row
+    #    (or chosen-then-rejected into a (2B, T) batch), kto rows into (B, T) plus the mismatched (B, T) batch for z0
     tokenize = tokenize_unpaired if kto else tokenize_prefs
     examples = tokenize(tok, rows, cfg.max_len, cfg.data, rank == 0)
     eval_examples = tokenize_prefs(tok, eval_rows, cfg.max_len, cfg.eval_data, rank == 0) if eval_rows else []
@@ -285,7 +285,7 @@ def main(cfg: Config) -> dict:
                 c, r = rewards[labels], rewards[~labels]  # desirable / undesirable rows
                 stats += stats_of(c, r, ((rewards > 0) == labels).sum(), len(exs))  # right sign of reward
             else:
-                batch = collate(exs)  # (2B, T): chosen rows, then rejected rows
+                batch = collate(exs)  # B shared-prompt rows (or 2B rows: chosen, then rejected)
                 logps, lengths = sequence_logps(model, batch, cfg, device)  # (2B,)
                 ref = reference_for(exs, batch, model, ref_model, cfg, device)
                 losses, c, r = pair_losses(cfg.loss, cfg, logps, lengths, ref)

@@ -10,8 +10,9 @@ m is --margin (Llama 2 uses a per-pair margin from the annotators' rating gap; h
 without it the rewards drift by an arbitrary constant, which a PPO value head then has to chase.
 The head is an nn.Linear(d, 1) with std 1/√(d+1) (lm-human-preferences); each pair runs as ONE row
 [prompt | chosen | rejected] whose responses see the prompt and themselves only (prefs.collate_shared: the prompt
-runs once; --share-prompt false: a (2B, T) batch of chosen rows, then rejected rows). The model starts from the SFT checkpoint (RMs that start elsewhere stall near 50% accuracy) and is
-saved as an HF LlamaForSequenceClassification (score.weight, num_labels 1).
+runs once; --share-prompt false: a (2B, T) batch of chosen rows, then rejected rows). The model starts from the SFT
+checkpoint (RMs that start elsewhere stall near 50% accuracy) and is saved as an HF LlamaForSequenceClassification
+(score.weight, num_labels 1).
 
 Run:
     python -m nanoalign.tasks make --out data --seed 0
@@ -172,7 +173,7 @@ def main(cfg: Config) -> dict:
     loss = first_loss = None
     eval_metrics, train_metrics = {}, {}
     for step in range(start, cfg.max_steps):
-        # 5. this rank's share of the global batch of pairs, as micro-batches of (2B, T): chosen rows, then rejected
+        # 5. this rank's share of the global batch of pairs, as micro-batches (one shared-prompt row per pair)
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
         micro = [collate([examples[i] for i in idx[k:k + cfg.batch_size]]) for k in range(0, len(idx), cfg.batch_size)]
         n_pairs = loop.all_reduce_sum(torch.tensor(float(len(idx)), device=device))  # pairs in the GLOBAL batch

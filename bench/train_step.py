@@ -10,10 +10,11 @@ torch.set_num_threads(2); synthetic random token ids (no data files).
          backward, and the reference forward (adapter disabled, no grad) every step, as without --precompute-ref
     rm   4 pairs as for dpo: the score head at each response's last token, Bradley-Terry loss
 The step is built from the same functions the scripts use (token_logprobs, sft_loss, train_dpo.sequence_logps,
-preference_loss, train_rm.rewards_of, bradley_terry_loss, disable_adapter, loop.make_optimizer / clip_and_step). Each algo runs in a fresh subprocess;
-after `--warmup` steps, `step_s` is the median of `--steps` timed steps. tokens_per_s counts every token in the
-batch as the workload states it (dpo/rm: 8 x 128, chosen and rejected, however many tokens the collation actually
-runs: processed_tokens). peak_rss_mb is the process's peak resident set (VmHWM), as for the peers.
+preference_loss, train_rm.rewards_of, bradley_terry_loss, disable_adapter, loop.make_optimizer / clip_and_step).
+Each algo runs in a fresh subprocess; after `--warmup` steps, `step_s` is the median of `--steps` timed steps.
+tokens_per_s counts every token in the batch as the workload states it (dpo/rm: 8 x 128, chosen and rejected,
+however many tokens the collation actually runs: processed_tokens). peak_rss_mb is the process's peak resident
+set (VmHWM), as for the peers.
 
 flops_per_token: model FLOPs of a step (what the algorithm needs, not what our kernels happen to recompute) per
 workload token, with N_body the frozen weights of the blocks' linear layers, N_lora the adapter weights, L layers,
@@ -22,9 +23,10 @@ d width, T the row length, V vocabulary; per PROCESSED token, and per SCORED tok
     reference forward (dpo only):    2*N_body + 4*L*T*d;  + 2*V*d scored
     rm: no lm_head (the score head's 6*d is negligible)
 mfu = flops_per_token * tokens_per_s / peak, the peak measured in the same run by timing a 2048^3 fp32 torch.mm.
-Memory note: most of peak_rss_mb past step 1 is glibc heap fragmentation (freed activations stay resident): the
-live peak of a dpo step is ~2.5 GB. `MALLOC_MMAP_THRESHOLD_=131072 python bench/train_step.py` keeps RSS at that
-(big tensors are mmap'ed and returned), at ~25% more CPU per step (page faults).
+Memory note: ~0.5 GB of a dpo step's peak_rss_mb is glibc heap fragmentation within the forward pass (freed
+temporaries stay resident): its live peak is ~2.2 GB with shared-prompt rows. `MALLOC_MMAP_THRESHOLD_=65536 python
+bench/train_step.py` keeps RSS at that (big tensors are mmap'ed and returned), at ~1.8x the time per step (page
+faults); calling malloc_trim between steps does not lower the peak.
 Peers (measured on this machine, REFERENCE.md): TRL 1.16 + PEFT 0.21 DPO 10.7 s/step, 96 tok/s, 4.27 GB peak RSS;
 TRL SFT 7.9 s/step, 130 tok/s, 4.45 GB. Goals: dpo >= 2x the throughput at <= 0.6x the RSS; sft >= 1.5x.
 """
@@ -136,7 +138,8 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     flops_per_token = (policy + reference) / (B * T)  # per token of the workload (dpo/rm: 8 x 128)
     tokens_per_s = B * T / step_s
     peak = peak_flops(torch)
-    row = {"name": f"{algo}-lora16-{init}" + ("-compiled" if compiled else ""), "step_s": round(step_s, 3), "tokens_per_s": round(tokens_per_s, 1),
+    row = {"name": f"{algo}-lora16-{init}" + ("-compiled" if compiled else ""), "step_s": round(step_s, 3),
+           "tokens_per_s": round(tokens_per_s, 1),
            "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_token": int(flops_per_token),
            "mfu": round(flops_per_token * tokens_per_s / peak, 4), "peak_gflops": round(peak / 1e9, 1),
            "batch": B, "seq_len": T, "share_prompt": share and algo != "sft", "compiled": compiled,
@@ -169,7 +172,8 @@ def main():
         return
     for algo in (["sft", "dpo", "rm"] if args.algo == "all" else [args.algo]):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--algo", algo, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--init", args.init, "--share-prompt", str(args.share_prompt)] + (["--compile"] if args.compile else [])
+               "--steps", str(args.steps), "--init", args.init, "--share-prompt", str(args.share_prompt)]
+        cmd += ["--compile"] if args.compile else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1], flush=True)
 

@@ -135,7 +135,7 @@ def test_compiled_pointwise_kernels_match_eager_and_do_not_recompile_per_length(
     def value_and_grads(T):
         ids = torch.randint(3, 259, (2, T), generator=torch.Generator().manual_seed(T))
         out = model(ids).square().mean()
-        return [out.detach()] + [g for g in torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad])]
+        return [out.detach(), *torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad])]
 
     eager = {T: value_and_grads(T) for T in (9, 17, 30)}
     try:
