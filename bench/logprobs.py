@@ -1,6 +1,6 @@
 """Benchmark the lm_head log-prob hot loop: naive vs chunked (eager, compiled), forward + backward.
 
-Run: python bench/logprobs.py [--reps 2] [--chunk 512] [--frozen-head]
+Run: python bench/logprobs.py [--reps 2] [--chunk 128] [--frozen-head]
 Workload: B=8, T=512, d=576, V=49152 (SmolLM2-135M's head), fp32, CPU, 2 threads; loss = Σ logp, backward to
 hidden and (unless --frozen-head, the LoRA case) to the head weight.
 Each workload runs in a fresh subprocess: one warm-up step (and compile), then `reps` timed steps.
@@ -74,7 +74,7 @@ def worker(name: str, reps: int, frozen_head: bool, chunk: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2, help="timed steps per workload (after one warm-up)")
-    ap.add_argument("--chunk", type=int, default=512, help="tokens per chunk for the chunked paths")
+    ap.add_argument("--chunk", type=int, default=128, help="tokens per chunk for the chunked paths")
     ap.add_argument("--frozen-head", action="store_true", help="head weight without gradient (LoRA / QLoRA)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -117,10 +117,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def logprobs_chunked(hidden, weight, labels, temperature: float = 1.0, chunk: int = 512, compiled: bool = False):
+def logprobs_chunked(hidden, weight, labels, temperature: float = 1.0, chunk: int = 128, compiled: bool = False):
     """hidden (..., C), weight (V, C), labels (...) -> log p(labels) (...) in fp32 (fp64 for fp64 inputs).
 
-    Equal to `logprobs_naive` but never builds the (..., V) logits; peak extra memory is about chunk × V floats.
+    Equal to `logprobs_naive` but never builds the (..., V) logits; peak extra memory is about chunk × V floats
+    (25 MB at 128 × 49,152: measured on a LoRA-DPO step of SmolLM2, 170 MB less peak RSS than chunks of 512, for
+    ~12% more time in this op alone).
     """
     shape = labels.shape
     dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -134,7 +136,7 @@ def logprobs_chunked(hidden, weight, labels, temperature: float = 1.0, chunk: in
 
 
 def token_logprobs(model, input_ids, attention_mask=None, labels_mask=None, temperature: float = 1.0,
-                   position_ids=None, doc_ids=None, chunk: int = 512, compiled: bool = False):
+                   position_ids=None, doc_ids=None, chunk: int = 128, compiled: bool = False):
     """Log-probs of each next token: entry t of the (B, T-1) result is log p(input_ids[t+1] | input_ids[≤t]) / T.
 
     input_ids, attention_mask (B, T): 1 = real token, 0 = padding (by position, never by id; pitfall 1).
@@ -162,7 +164,7 @@ def token_logprobs(model, input_ids, attention_mask=None, labels_mask=None, temp
 
 
 def branch_logprobs(model, input_ids, attention_mask, position_ids, branch_ids, prev_index, labels_mask,
-                    temperature: float = 1.0, chunk: int = 512, compiled: bool = False):
+                    temperature: float = 1.0, chunk: int = 128, compiled: bool = False):
     """token_logprobs for rows holding one prompt and several responses (prefs.collate_shared).
 
     Entry t of the (B, T) result is log p(input_ids[t] | the prompt and its own response so far) / T, read from the
