@@ -92,7 +92,7 @@ class Config:
     nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank); the reference is that NF4 base
     bf16: bool = False  # bf16 autocast for the model (log-probs and loss stay fp32)
     device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile the pointwise kernels (RMSNorm, RoPE, SwiGLU, log-softmax): ~10% faster
+    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)

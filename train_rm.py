@@ -66,7 +66,7 @@ class Config:
     center_rewards: float = 0.0  # lambda of lambda*(r_c + r_r)^2, pulls rewards toward mean 0 (0.01 is typical)
     share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
     device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile the pointwise kernels (RMSNorm, RoPE, SwiGLU, log-softmax): ~10% faster
+    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
     resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)

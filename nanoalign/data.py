@@ -41,8 +41,9 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})")
     if not text.strip():
         raise UserError(f"{path}: empty file")
-    if text.lstrip().startswith("["):
-        raise UserError(f"{path}:1: a JSON array; expected JSONL (one JSON object per line)")
+    if text.lstrip().startswith("["):  # blame the line the array opens on, after any blank lines
+        line = text[:len(text) - len(text.lstrip())].count("\n") + 1
+        raise UserError(f"{path}:{line}: a JSON array; expected JSONL (one JSON object per line)")
     lines = text.split("\n")
     rows = []
     for i, line in enumerate(lines, 1):

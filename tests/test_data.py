@@ -177,6 +177,7 @@ BAD = [  # (file bytes, line in the message or None, what the message says)
     (b"", None, "empty file"),
     (b"\n  \n", None, "empty file"),
     (b'[{"prompt": "a", "completion": "b"}]\n', 1, "JSON array"),
+    (b'\n \n[{"prompt": "a", "completion": "b"}]\n', 3, "JSON array"),  # blank lines first: the line it opens on
     (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl', 2, "truncated last line"),
     (b'{"prompt": "a", "completion": "b"}\n["a", "b"]\n', 2, "expected a JSON object"),
     (b'{"prompt": "a", "completion": 3}\n', 1, "'completion' must be a string"),

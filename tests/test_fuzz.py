@@ -21,7 +21,9 @@ from nanoalign.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()
 FIELDS = ["messages", "role", "content", "prompt", "chosen", "rejected", "completion", "label", "constraints"]
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized, so that CI is repeatable; FUZZ_RANDOM=1 explores new examples (that is how "\n[" was found)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=not os.environ.get("FUZZ_RANDOM"))
 
 # --- strategies ----------------------------------------------------------------------------------------------
 # text with control characters, emoji, and the template's own special tokens; lone surrogates (which JSON can carry
