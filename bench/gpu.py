@@ -10,40 +10,22 @@ One JSON line per check:
     nf4        NF4Linear on the device: its output equals x @ dequantize(W).T, eager and compiled
     dpo        the LoRA-DPO step of bench/train_step.py (4 pairs x (64+64) as shared-prompt rows, reference every
                step) in bf16 autocast: step_s, tokens_per_s, and MFU against a bf16 torch.mm peak measured now
-               (and against the H200's 989 TFLOP/s dense bf16 spec, when the device is an H200)
+               (and against the H200's 989 TFLOP/s dense bf16 spec, when the device is an H200), peak memory
 """
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train_dpo  # noqa: E402
-from nanoalign import loop  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nanoalign.hub import load  # noqa: E402
 from nanoalign.logprobs import logprobs_chunked, logprobs_naive, token_logprobs  # noqa: E402
-from nanoalign.lora import apply_lora, disable_adapter, lora_layers  # noqa: E402
-from nanoalign.losses import preference_loss  # noqa: E402
 from nanoalign.nf4 import NF4Linear  # noqa: E402
-from nanoalign.prefs import collate_shared  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
+from train_step import worker  # noqa: E402  (bench/train_step.py)
 
 
 def peak_mb(device) -> float:
@@ -96,45 +78,16 @@ def check_nf4(device) -> dict:
 
 
 def check_dpo(init: str, device, steps: int) -> dict:
-    model, _ = load(init, device=str(device))
-    apply_lora(model, r=16, alpha=32.0)
-    model.train()
-    params = loop.trainable(model)
-    opt = loop.make_optimizer(params, 1e-5)
-    V, P, R = model.cfg.vocab_size, 64, 64
-    g = torch.Generator().manual_seed(0)
-    rand = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(12)]
-    exs = [{"prompt": rand[3 * i], "chosen": rand[3 * i + 1], "rejected": rand[3 * i + 2],
-            "chosen_mask": [1] * R, "rejected_mask": [1] * R} for i in range(4)]
-    batch = collate_shared(exs, 0, P + R)
-    cfg = train_dpo.Config(bf16=True)
-
-    def step():
-        logps, _ = train_dpo.sequence_logps(model, batch, cfg, str(device))
-        with torch.no_grad(), disable_adapter(model):
-            ref, _ = train_dpo.sequence_logps(model, batch, cfg, str(device))
-        losses, _, _ = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.1)
-        losses.mean().backward()
-        loop.clip_and_step(opt, params, 1e-5, 1.0)
-
-    step()  # warmup
-    step_s = statistics.median(timed(step, device) for _ in range(steps))
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    torch.mm(a, b)
-    peak = 2 * n ** 3 / min(timed(lambda: torch.mm(a, b), device) for _ in range(5))
-    n_body = sum(m.base.weight.numel() for m in lora_layers(model).values())
-    n_lora = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_layers(model).values())
-    c, T = model.cfg, batch["input_ids"].shape[1]
-    processed, scored = int(batch["attention_mask"].sum()), 8 * R
-    attn = 12 * c.num_hidden_layers * T * c.hidden_size
-    flops = (processed * (6 * n_body + 6 * n_lora + attn + attn // 3)
-             + scored * 6 * c.vocab_size * c.hidden_size)  # policy fwd+bwd and reference fwd (bench/train_step.py)
+    """bench/train_step.py's LoRA-DPO step, on the device under bf16 autocast; mfu is against a bf16 mm there."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = worker("dpo", 1, steps, init, device=str(device), bf16=True)
     row = {"check": "dpo", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "step_s": round(step_s, 4), "tokens_per_s": round(8 * (P + R) / step_s, 1),
-           "mfu_vs_measured_bf16_mm": round(flops / step_s / peak, 4), "measured_bf16_mm_tflops": round(peak / 1e12, 1)}
+           **{k: row[k] for k in ("step_s", "tokens_per_s", "flops_per_token", "mfu", "peak_gflops")}}
     if "H200" in row["device"]:
-        row["mfu_vs_h200_spec"] = round(flops / step_s / 989e12, 4)
+        row["mfu_vs_h200_spec"] = round(row["flops_per_token"] * row["tokens_per_s"] / 989e12, 4)
+    if device.type == "cuda":
+        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return row
 
 

@@ -44,10 +44,11 @@ PEERS = {"sft": {"name": "trl-sft+peft", "step_s": 7.9, "tokens_per_s": 130.0, "
 GOALS = {"sft": {"tokens_per_s": 1.5}, "dpo": {"tokens_per_s": 2.0, "peak_rss_mb": 0.6}}
 
 
-def peak_flops(torch, n: int = 2048, reps: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def peak_flops(torch, n: int = 2048, reps: int = 3, device: str = "cpu", dtype=None) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    best = min(_timed(lambda: (torch.mm(a, b), sync())) for _ in range(reps))
     return 2 * n ** 3 / best
 
 
@@ -58,10 +59,11 @@ def _timed(fn) -> float:
 
 
 def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, share: bool = True,
-           compiled: bool = False) -> dict:
+           compiled: bool = False, device: str = "cpu", bf16: bool = False) -> dict:
     """One algo's benchmark row. seq_len (bench/compare.py --quick) shortens the rows; dpo/rm keep the last half as
     the response. share=False runs the pairs as (2B, T) rows instead of shared-prompt rows; compiled=True is the
-    scripts' --compile (torch.compile'd pointwise and log-prob kernels; compiling happens in the warmup steps)."""
+    scripts' --compile (torch.compile'd pointwise and log-prob kernels; compiling happens in the warmup steps).
+    device/bf16 (bench/gpu.py): the same step on another device, under bf16 autocast, with mfu against a bf16 mm."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,7 +81,7 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     torch.manual_seed(0)
     if compiled:
         compile_pointwise()
-    model, tok = load(init)
+    model, tok = load(init, device=device)
     if algo == "rm":
         model.add_score_head()
     apply_lora(model, r=16, alpha=32.0, trainable=("score",) if algo == "rm" else ())
@@ -94,8 +96,8 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     B, T, P = (4, seq_len or 256, 1) if algo == "sft" else (8, seq_len or 128, (seq_len or 128) // 2)
     g = torch.Generator().manual_seed(0)
     if algo == "sft":
-        ids = torch.randint(3, V, (B, T), generator=g)
-        att = torch.ones(B, T, dtype=torch.long)
+        ids = torch.randint(3, V, (B, T), generator=g).to(device)
+        att = torch.ones(B, T, dtype=torch.long, device=device)
         resp = att.clone()
         resp[:, :P] = 0
         processed, scored = B * T, B * (T - 1)
@@ -105,23 +107,26 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
                 "chosen_mask": [1] * (T - P), "rejected_mask": [1] * (T - P)} for i in range(B // 2)]
         batch = (collate_shared if share else collate_pairs)(exs, 0, T)
         processed, scored = int(batch["attention_mask"].sum()), B * (T - P)
-    dcfg = train_dpo.Config(bf16=False, compile=compiled)
+    dcfg = train_dpo.Config(bf16=bf16, compile=compiled)
 
     def step():
         if algo == "sft":
-            logps = token_logprobs(model, ids, att, resp, compiled=compiled)  # (B, T-1)
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+                logps = token_logprobs(model, ids, att, resp, compiled=compiled)  # (B, T-1), fp32
             loss = sft_loss(logps, resp[:, 1:])
         elif algo == "dpo":
-            logps, _ = train_dpo.sequence_logps(model, batch, dcfg, "cpu")  # (2B',) chosen then rejected
+            logps, _ = train_dpo.sequence_logps(model, batch, dcfg, device)  # (2B',) chosen then rejected
             with torch.no_grad(), disable_adapter(model):
-                ref, _ = train_dpo.sequence_logps(model, batch, dcfg, "cpu")
+                ref, _ = train_dpo.sequence_logps(model, batch, dcfg, device)
             losses, _, _ = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.1)
             loss = losses.mean()
         else:
-            rewards = train_rm.rewards_of(model, batch, "cpu")  # (2B',)
+            rewards = train_rm.rewards_of(model, batch, device, bf16)  # (2B',)
             loss = bradley_terry_loss(*rewards.chunk(2)).mean()
         loss.backward()
         loop.clip_and_step(opt, params, 1e-5, 1.0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     for _ in range(warmup):
         step()
@@ -137,7 +142,8 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     reference = processed * (2 * n_body + attn // 3) + scored * 2 * V * d if algo == "dpo" else 0
     flops_per_token = (policy + reference) / (B * T)  # per token of the workload (dpo/rm: 8 x 128)
     tokens_per_s = B * T / step_s
-    peak = peak_flops(torch)
+    peak = peak_flops(torch, 8192 if device.startswith("cuda") else 2048, device=device,
+                      dtype=torch.bfloat16 if bf16 else torch.float32)
     row = {"name": f"{algo}-lora16-{init}" + ("-compiled" if compiled else ""), "step_s": round(step_s, 3),
            "tokens_per_s": round(tokens_per_s, 1),
            "peak_rss_mb": round(peak_rss_mb, 1), "flops_per_token": int(flops_per_token),

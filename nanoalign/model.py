@@ -101,8 +101,7 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, H, T, D); cos/sin: (B, T, D)
+def apply_rope(x, cos, sin):  # x: (B, H, T, D); cos/sin: (B, T, D)
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -115,14 +114,12 @@ def swiglu(gate, up):
 _rms_norm, _apply_rope, _swiglu = rms_norm, apply_rope, swiglu  # what the modules call (see compile_pointwise)
 
 
-def compile_pointwise(enabled: bool = True):
-    """The scripts' --compile: torch.compile RMSNorm, RoPE and SwiGLU (dynamic shapes, one graph for all lengths),
-    each one fused loop whose backward saves its inputs only. Matmuls and attention stay eager. (A whole-model
-    compile of a training step was still compiling after 5 minutes on 2 CPU cores; these take ~20 s.)"""
+def compile_pointwise():
+    """The scripts' --compile: RMSNorm, RoPE and SwiGLU torch.compile'd (dynamic shapes), each one fused loop whose
+    backward saves its inputs only; matmuls and attention stay eager (a whole-model compile took > 5 min on 2 cores)."""
     global _rms_norm, _apply_rope, _swiglu
-    fns = (rms_norm, apply_rope, swiglu)
-    if not enabled or _rms_norm is rms_norm:
-        _rms_norm, _apply_rope, _swiglu = (torch.compile(f, dynamic=True) for f in fns) if enabled else fns
+    if _rms_norm is rms_norm:  # once per process
+        _rms_norm, _apply_rope, _swiglu = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu))
 
 
 class KVCache(nn.Module):
@@ -208,8 +205,7 @@ def build_mask(attention_mask, T: int, S: int, doc_ids=None, cache_pos=None, bra
     attention_mask: (B, S) 1 for real tokens, 0 for padding (key padding, by position, never by token id).
     doc_ids: (B, T) document index for packed rows; attention never crosses a document boundary.
     cache_pos: (T,) buffer positions of the queries when decoding with a KV cache.
-    branch_ids: (B, T) 0 for a shared prefix, k > 0 for branch k: one prompt and several responses in one row,
-        [prompt | chosen | rejected]; a token sees the prefix and the earlier tokens of its own branch only.
+    branch_ids: (B, T) 0 = a shared prefix, k = branch k (prefs.collate_shared): tokens see the prefix and their branch.
     """
     device = attention_mask.device
     q_pos = cache_pos if cache_pos is not None else torch.arange(T, device=device)
@@ -268,8 +264,7 @@ class Transformer(nn.Module):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, C) with return_hidden.
 
         attention_mask: (B, T), or (B, S) over the whole KV cache when decoding with cache_pos (T,).
-        position_ids default to attention_mask.cumsum(-1) - 1, which is right for left padding (rows with
-        branch_ids must pass their own: each branch continues from the end of the prefix).
+        position_ids default to attention_mask.cumsum(-1) - 1 (right for left padding; branch rows pass their own).
         """
         B, T = input_ids.shape
         if attention_mask is None:

@@ -119,7 +119,9 @@ def read(reader, data: bytes):
             assert m or msg == f"{path}: empty file", msg
             if m:  # the named line is one that holds something: blank lines are skipped, never blamed
                 lines = data.split(b"\n")
-                assert 1 <= int(m.group(1)) <= len(lines) and lines[int(m.group(1)) - 1].strip(), msg
+                n = int(m.group(1))
+                assert 1 <= n <= len(lines), msg  # a line the file has
+                assert lines[n - 1].strip(), msg  # and not a blank one
             assert "\n" not in msg, msg
             return None, path
     finally:
