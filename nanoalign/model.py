@@ -101,10 +101,9 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x, cos, sin):  # x: (B, H, T, D); cos/sin: (B, T, D)
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+def apply_rope(x, cos, sin):  # x: (B, H, T, D); cos/sin: (B, 1, T, D)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 def swiglu(gate, up):
@@ -146,23 +145,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul (generate.sampling_copy sets it)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, cache_pos=None):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is None:
+            q = _apply_rope(self.q_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+            k = _apply_rope(self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        else:  # fused: one matmul, one rotation of q and k together
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+            qk, v = _apply_rope(qkv[:, :H + Hkv], cos, sin), qkv[:, H + Hkv:]
+            q, k = qk[:, :H], qk[:, H:]
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole buffer
             k, v = k.to(q.dtype), v.to(q.dtype)
         # grouped-query attention: each kv head serves rep = n_heads / n_kv query heads. Fold those heads into the
         # query length, (B, Hkv, rep*T, D), so K and V are never copied rep times (it matters when decoding)
-        rep = self.n_heads // self.n_kv
-        q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, rep, 1))  # (B, Hkv, rep*T, D)
-        return self.o_proj(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, C))
+        rep = H // Hkv
+        q = q.reshape(B, Hkv, rep * T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if T == 1 else mask.repeat(1, 1, rep, 1))
+        return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -171,9 +176,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul (generate.sampling_copy sets it)
 
     def forward(self, x):
-        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))  # SwiGLU
+        if self.gate_up_proj is None:
+            return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))  # SwiGLU
+        return self.down_proj(_swiglu(*self.gate_up_proj(x).chunk(2, dim=-1)))
 
 
 class Block(nn.Module):
@@ -275,9 +283,9 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0).gather(1, cache_pos[None].expand(B, -1))
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        mask = build_mask(attention_mask, T, attention_mask.shape[1], doc_ids, cache_pos, branch_ids)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = (c[:, None].to(x.dtype) for c in rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
+        mask = build_mask(attention_mask, T, attention_mask.shape[1], doc_ids, cache_pos, branch_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         x = self.model.norm(x)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run_cli
-from nanoalign.generate import generate, generate_texts, left_pad, sample_next, sampling_copy
+from nanoalign.generate import PackedLinear, generate, generate_texts, left_pad, sample_next, sampling_copy
 from nanoalign.lora import apply_lora, lora_layers
 from nanoalign.model import ModelConfig, PRESETS, Transformer
 
@@ -178,18 +178,34 @@ def test_sampling_copy_merges_lora_and_leaves_the_policy_alone():
     want = model(x)
     fp32 = sampling_copy(model, torch.float32)
     assert not lora_layers(fp32) and lora_layers(model)  # the copy is merged; the policy keeps its adapters
+    assert fp32.model.layers[0].self_attn.qkv_proj is not None and fp32.model.layers[0].self_attn.q_proj is None
     torch.testing.assert_close(fp32(x), want, atol=1e-4, rtol=1e-4)
     ro32 = generate(fp32, x.tolist(), 6, NEVER, 0, temperature=0)
+    assert not ro32.sequences.is_inference()  # decoded under inference_mode, handed back as ordinary tensors
     assert ro32.responses() == generate(model, x.tolist(), 6, NEVER, 0, temperature=0).responses()
     model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)  # a normal init for the bf16 check
     apply_lora(model, r=4, alpha=8)
     for layer in lora_layers(model).values():
         layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
     bf16 = sampling_copy(model)
-    assert bf16.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
     # a bf16 rounding of the same distribution: next-token probabilities within a few percent
     p32, p16 = model(x).softmax(-1), bf16(x).float().softmax(-1)
     assert (p16 - p32).abs().sum(-1).max() < 0.05  # twice the total variation distance, per position
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_give_the_unpacked_outputs(dtype):
+    model = Transformer(ModelConfig(**PRESETS["small"])).init_weights(seed=0)
+    plain, packed = sampling_copy(model, dtype, pack=False), sampling_copy(model, dtype)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert sum(isinstance(m, torch.nn.Linear) for m in packed.modules()) == 0
+    x = torch.tensor(prompts_of([12, 12, 12]))
+    torch.testing.assert_close(packed(x).float(), plain(x).float(), atol=1e-4, rtol=1e-3)
+    ids = prompts_of([12, 5, 9])  # left-padded prefill (M = 36 rows) and decode (M = 3), through the packed weights
+    assert generate(packed, ids, 8, NEVER, 0, temperature=0).responses() == \
+        generate(plain, ids, 8, NEVER, 0, temperature=0).responses()
 
 
 def test_generate_cli_writes_rows_in_input_order(tmp_path, tiny):
