@@ -97,7 +97,8 @@ def fuse_projections(model):
     """Stack q/k/v and gate/up into one Linear each (model.py's qkv_proj, gate_up_proj): two matmuls where there
     were five, and one rotation for q and k, per layer and decoded token."""
     def stacked(*linears):
-        fused = torch.nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False)
+        fused = torch.nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False,
+                                device="meta")  # no random init: the weight is set next
         fused.weight = torch.nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False)
         return fused
     for layer in model.model.layers:

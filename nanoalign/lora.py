@@ -32,7 +32,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a PeftModelForCausalL
 def _to_linear(layer: nn.Module) -> nn.Linear:
     """A full-precision nn.Linear copy of an NF4Linear (dequantized) or an nn.Linear."""
     w = layer.dequantize() if isinstance(layer, NF4Linear) else layer.weight.detach()
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")  # no init
     out.weight = nn.Parameter(w.clone(), requires_grad=False)
     if layer.bias is not None:
         out.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
