@@ -22,11 +22,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
-# prompts. Sized for ~10 minutes on 2 CPU cores; for a longer, stronger run multiply the --max-steps (e.g. SFT 200,
+# prompts. Sized for ~10 minutes on 2 CPU cores; `make demo GOLD=1` adds a second PPO run against the gold judge
+# (RL with verifiable rewards, ~4 more minutes). For a longer, stronger run multiply the --max-steps (e.g. SFT 200,
 # RM 150, DPO 150, PPO 40), add --eval-data $(DATA)/eval_prefs.jsonl to RM and DPO, and drop --limit.
 DEMO    := out/demo
 DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
+GOLD    ?= 0
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
@@ -39,9 +41,15 @@ demo: $(STAMP)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 1e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 1 \
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps 3
+ifeq ($(GOLD),1)
+	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
+		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps 10 --log-every 2
+endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
-		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo
+		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
+		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
 
 clean:
 	rm -rf $(VENV) out
