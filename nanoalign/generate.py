@@ -211,7 +211,7 @@ def main(cfg: Config):
     check(not os.path.isdir(cfg.out), f"{cfg.out}: is a directory, not a file path")
     rows = read_prompts(cfg.prompts)
     model, tok = load(cfg.model, cfg.device)
-    model = sampling_copy(model) if cfg.bf16 else model
+    model = sampling_copy(model, pack=not cfg.compile) if cfg.bf16 else model  # (compile: unpacked weights)
     t0 = time.time()
     texts = generate_texts(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.seed,
                            cfg.batch_size, cfg.top_k, cfg.top_p, cfg.compile)

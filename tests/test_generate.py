@@ -208,6 +208,16 @@ def test_packed_linears_give_the_unpacked_outputs(dtype):
         generate(plain, ids, 8, NEVER, 0, temperature=0).responses()
 
 
+@torch.no_grad()
+def test_compiled_decode_step_of_a_fused_copy_matches_eager():
+    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)
+    fused = sampling_copy(model, torch.float32, pack=False)  # what --compile samples from (packed weights are opaque)
+    ids = prompts_of([12, 5, 9])
+    want = generate(model, ids, 6, NEVER, 0, temperature=0).responses()
+    assert generate(fused, ids, 6, NEVER, 0, temperature=0).responses() == want
+    assert generate(fused, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
+
+
 def test_generate_cli_writes_rows_in_input_order(tmp_path, tiny):
     model, tok = tiny  # hub.load("tiny") is deterministic (seed 0), so the CLI sees the same model
     prompts = ["Hi", [{"role": "system", "content": "S"}, {"role": "user", "content": "a longer prompt here"}],
