@@ -103,6 +103,9 @@ def fuse_projections(model):
         return fused
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        if not all(type(m) is torch.nn.Linear for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj,
+                                                         mlp.up_proj)):
+            continue  # e.g. an NF4 layer no adapter was merged into: left as it is
         attn.qkv_proj = stacked(attn.q_proj, attn.k_proj, attn.v_proj)
         attn.q_proj = attn.k_proj = attn.v_proj = None
         mlp.gate_up_proj = stacked(mlp.gate_proj, mlp.up_proj)

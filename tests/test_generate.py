@@ -199,13 +199,27 @@ def test_sampling_copy_merges_lora_and_leaves_the_policy_alone():
 def test_packed_linears_give_the_unpacked_outputs(dtype):
     model = Transformer(ModelConfig(**PRESETS["small"])).init_weights(seed=0)
     plain, packed = sampling_copy(model, dtype, pack=False), sampling_copy(model, dtype)
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.layers[0].mlp.gate_up_proj, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert sum(isinstance(m, torch.nn.Linear) for m in packed.modules()) == 0
     x = torch.tensor(prompts_of([12, 12, 12]))
     torch.testing.assert_close(packed(x).float(), plain(x).float(), atol=1e-4, rtol=1e-3)
     ids = prompts_of([12, 5, 9])  # left-padded prefill (M = 36 rows) and decode (M = 3), through the packed weights
     assert generate(packed, ids, 8, NEVER, 0, temperature=0).responses() == \
         generate(plain, ids, 8, NEVER, 0, temperature=0).responses()
+
+
+def test_sampling_copy_of_a_qlora_model_with_unadapted_nf4_layers():
+    from nanoalign.nf4 import NF4Linear, quantize_nf4_
+    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)
+    quantize_nf4_(model)
+    apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))  # k/o/MLP stay NF4: nothing to fuse there
+    x = torch.tensor(prompts_of([12, 12]))
+    with torch.no_grad():
+        copied = sampling_copy(model, torch.float32)
+        mlp = copied.model.layers[0].mlp
+        assert isinstance(mlp.up_proj, NF4Linear) and mlp.gate_up_proj is None
+        torch.testing.assert_close(copied(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
