@@ -130,8 +130,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, cache_pos, k, v):
-        # cache_pos: (T,) positions in the buffer; k, v: (B, Hkv, T, D)
+    def update(self, cache_pos, k, v):  # cache_pos: (T,) positions in the buffer; k, v: (B, Hkv, T, D)
         self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
         return self.k, self.v
@@ -151,17 +150,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache_pos=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        if self.qkv_proj is None:
-            q = _apply_rope(self.q_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-            k = _apply_rope(self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-        else:  # fused: one matmul, one rotation of q and k together
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-            qk, v = _apply_rope(qkv[:, :H + Hkv], cos, sin), qkv[:, H + Hkv:]
-            q, k = qk[:, :H], qk[:, H:]
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv_proj is None else \
+            self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = _apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = _apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
-            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D): the whole buffer
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))  # (B, Hkv, S, D): the whole buffer
         # grouped-query attention: each kv head serves rep = n_heads / n_kv query heads. Fold those heads into the
         # query length, (B, Hkv, rep*T, D), so K and V are never copied rep times (it matters when decoding)
         rep = H // Hkv
@@ -178,10 +173,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul (generate.sampling_copy sets it)
 
-    def forward(self, x):
-        if self.gate_up_proj is None:
-            return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))  # SwiGLU
-        return self.down_proj(_swiglu(*self.gate_up_proj(x).chunk(2, dim=-1)))
+    def forward(self, x):  # SwiGLU
+        fused = self.gate_up_proj
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if fused is None else fused(x).chunk(2, dim=-1)
+        return self.down_proj(_swiglu(gate, up))
 
 
 class Block(nn.Module):
@@ -238,14 +233,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.score: nn.Linear | None = None  # scalar head of a reward model (HF LlamaForSequenceClassification)
 
+    @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
         g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, p in self.named_parameters():  # norms at 1, the rest N(0, std²) in parameter order
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
         return self
 
     def add_score_head(self, std: float | None = None, seed: int = 0):
