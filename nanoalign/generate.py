@@ -95,7 +95,7 @@ def pack_linears(model):
 
 def fuse_projections(model):
     """Stack q/k/v and gate/up into one Linear each (model.py's qkv_proj, gate_up_proj): two matmuls where there
-    were five, and one rotation for q and k, per layer and decoded token."""
+    were five, per layer and decoded token."""
     def stacked(*linears):
         fused = torch.nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False,
                                 device="meta")  # no random init: the weight is set next
