@@ -121,8 +121,14 @@ def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False, 
 
 
 @torch.no_grad()
-def rm_score(rm, seq, attn):
-    """Reward-model score (B,) read at the last real token of prompt+response (pitfall 6)."""
+def rm_score(rm, seq, attn, cut=None, eos_id: int = 0):
+    """Reward-model score (B,) read at the last real token of prompt+response (pitfall 6). cut: (B,) bool, the rows
+    cut off before EOS. An RM only ever saw finished answers, and its score at a mid-answer token is off its data (the
+    demo's RM scored its held-out demonstrations +3.6 higher with the final EOS dropped): such a row is scored as the
+    text it is, closed with EOS, which is also what the gold judge scores."""
+    if cut is not None:
+        seq = torch.cat([seq, torch.full_like(seq[:, :1], eos_id)], 1)
+        attn = torch.cat([attn, cut.to(attn.dtype)[:, None]], 1)  # the appended EOS is real on cut rows only
     hidden = rm(seq, attn, return_hidden=True)  # (B, T, C)
     last = last_token_index(attn)
     return rm.score(hidden[torch.arange(len(seq), device=seq.device), last]).squeeze(-1).float()
@@ -231,12 +237,13 @@ def main(cfg: Config) -> dict:
         t1 = time.time()
 
         # 2. score: the RM at the last real token of prompt+response, or the gold judge on the decoded text.
-        #    A response cut off before EOS gets the penalty (N+ implementation details, "EOS trick")
+        #    A response cut off before EOS is scored closed with EOS (rm_score), then gets the penalty (N+
+        #    implementation details, "EOS trick")
         texts = [tok.decode(r) for r in ro.responses()]
         gold = None
         if has_gold:
             gold = torch.tensor([gold_score(t, row) for t, (_, row) in zip(texts, batch)], device=device)  # (B,)
-        score = rm_score(rm, seq, attn) if rm is not None else gold
+        score = rm_score(rm, seq, attn, ~eos, tok.eos_id) if rm is not None else gold
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
 

@@ -85,6 +85,17 @@ def test_reward_model_score_is_read_at_the_last_real_token(tiny):
     assert not torch.allclose(alone, padded)  # the left context matters: it is a real token there
 
 
+def test_a_response_cut_off_before_eos_is_scored_closed_with_eos(tiny):
+    rm, _ = hub.load("tiny")
+    rm.add_score_head()
+    seq = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 2]])  # row 0 hit the length cap; row 1 ended with EOS (id 2)
+    ones = torch.ones_like(seq)
+    got = train_ppo.rm_score(rm, seq, ones, cut=torch.tensor([True, False]), eos_id=2)
+    closed = train_ppo.rm_score(rm, torch.tensor([[5, 6, 7, 8, 2]]), torch.ones(1, 5, dtype=torch.long))
+    torch.testing.assert_close(got, torch.cat([closed, train_ppo.rm_score(rm, seq[1:], ones[1:])]))
+    assert not torch.allclose(got[0], train_ppo.rm_score(rm, seq[:1], ones[:1])[0])  # not read mid-answer
+
+
 def test_ppo_gae_raises_gold_score_and_adapts_beta(tmp_path):
     log, metrics = ppo(tmp_path, "gae", "--rollout-batch", "32", "--max-steps", "14", "--target-kl", "1",
                        "--kl-horizon", "100")
