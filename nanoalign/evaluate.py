@@ -73,8 +73,9 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16):
 
 
 @torch.no_grad()
-def rm_scores(rm, tok, prompts_msgs, texts, batch_size=16):
-    """Reward-model score of each (prompt, response), read at the last real token."""
+def rm_scores(rm, tok, prompts_msgs, texts, batch_size=16, open_end=False):
+    """Reward-model score of each (prompt, response), read at the last real token (open_end: the response's last
+    token, with the closing EOS left off)."""
     device = next(rm.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
@@ -82,7 +83,7 @@ def rm_scores(rm, tok, prompts_msgs, texts, batch_size=16):
         for p, t in zip(prompts_msgs[i:i + batch_size], texts[i:i + batch_size]):
             ids, mask = tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])
             end = max(j for j, m in enumerate(mask) if m)  # the closing <|im_end|>: where the RM was trained to read
-            seqs.append(ids[:end + 1])
+            seqs.append(ids[:end + (not open_end)])
         ids, att, _ = (t.to(device) for t in _batch(seqs, tok.pad_id))
         h = rm(ids, attention_mask=att, return_hidden=True)  # (B, T, C)
         last = last_token_index(att)

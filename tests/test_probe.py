@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+
+from nanoalign import evaluate, hub, probe, tasks
+
+ROWS = [{"prompt": 'Describe tea. Include the word "calm".', "constraints": [{"type": "keyword", "value": "calm"}],
+         "reference": "Tea is calm."},
+        {"prompt": "Describe tea. Wrap your whole answer in double quotes.",
+         "constraints": [{"type": "quotes", "value": True}], "reference": '"Tea is hot."'},
+        {"prompt": "What is 2 + 3? Reply with the number only.",
+         "constraints": [{"type": "arithmetic", "value": 5, "expr": "2 + 3"}], "reference": "5"}]
+
+
+def test_probe_hand_worked():
+    # a fake RM: +1 for a leading double quote, +10 when read without the closing EOS
+    res = probe.probe(lambda rows, texts, open_end: [float(t.startswith('"')) + 10 * open_end for t in texts], ROWS)
+    # quotes: only the keyword prompt is eligible (the other asks for quotes; arithmetic never counts)
+    assert res["quotes"] == {"n": 1, "rm_shift": 1.0, "rm_up": 1.0, "gold_shift": 0.0}  # still says "calm"
+    # JSON: both prose prompts; the quoted reference loses its leading quote (-1) and its quotes constraint (-1)
+    assert res["json"] == {"n": 2, "rm_shift": -0.5, "rm_up": 0.0, "gold_shift": -0.5}
+    assert res["no EOS"] == {"n": 2, "rm_shift": 10.0, "rm_up": 1.0, "gold_shift": 0.0}  # the judge sees the same text
+    assert res["capitals"]["n"] == 2 and res["capitals"]["gold_shift"] == 0.0  # "CALM" still counts as the word
+    assert probe.probe(lambda rows, texts, open_end: [0.0] * len(texts), ROWS[2:]) == {}  # nothing eligible
+
+
+def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
+    tasks.make(str(tmp_path), seed=0, n_sft=0, n_prefs=0, n_prompts=0, n_eval=12)
+    out = tmp_path / "probe.json"
+    r = run_cli(["-m", "nanoalign.probe", "--rm", str(rm_dir), "--prompts", str(tmp_path / "eval.jsonl"),
+                 "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == set(probe.PROBES) and "| no EOS |" in r.stdout
+    rows = [json.loads(l) for l in open(tmp_path / "eval.jsonl")]
+    rows = [x for x in rows if {c["type"] for c in x["constraints"]}.isdisjoint({"arithmetic", "quotes"})]
+    rm, tok = hub.load(str(rm_dir))
+    with torch.no_grad():
+        plain = evaluate.rm_scores(rm.eval(), tok, [x["prompt"] for x in rows], [x["reference"] for x in rows])
+        quoted = evaluate.rm_scores(rm, tok, [x["prompt"] for x in rows], [f'"{x["reference"]}"' for x in rows])
+    assert res["quotes"]["n"] == len(rows)
+    assert res["quotes"]["rm_shift"] == pytest.approx(sum(q - p for p, q in zip(plain, quoted)) / len(rows), abs=1e-5)
+    assert res["quotes"]["gold_shift"] <= 0 and res["no EOS"]["gold_shift"] == 0
+    assert res["no EOS"]["rm_shift"] != 0  # a different token is read
+
+
+def test_probe_needs_reference_answers(tmp_path, rm_dir):
+    tasks.make(str(tmp_path), seed=0, n_sft=0, n_prefs=0, n_prompts=4, n_eval=0)
+    r = run_cli(["-m", "nanoalign.probe", "--rm", str(rm_dir), "--prompts", str(tmp_path / "prompts.jsonl")])
+    assert_user_error(r, "prompts.jsonl:1", "reference")
