@@ -23,7 +23,7 @@ test: $(STAMP)
 
 # The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
 # prompts. Sized for ~10 minutes on 2 CPU cores; `make demo GOLD=1` adds a second PPO run against the gold judge
-# (RL with verifiable rewards, ~4 more minutes). For a longer, stronger run multiply the --max-steps (e.g. SFT 200,
+# (RL with verifiable rewards, ~2 more minutes). For a longer, stronger run multiply the --max-steps (e.g. SFT 200,
 # RM 150, DPO 150, PPO 40), add --eval-data $(DATA)/eval_prefs.jsonl to RM and DPO, and drop --limit.
 # LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
 # runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
@@ -46,8 +46,8 @@ demo: $(STAMP)
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps 4
 ifeq ($(GOLD),1)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
-		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps 10 --log-every 2
+		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps 4 --log-every 1
 endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
