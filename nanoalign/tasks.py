@@ -127,8 +127,33 @@ def _break_length(plan: dict, limit: dict, broken) -> list[str]:
     return next((b for b in tries if not check(limit, _render(plan, b, broken))), tries[-1])
 
 
-def _reject(rng: random.Random, plan: dict, meta: dict, chosen: str) -> str:
-    """A plausible response that breaks at least one constraint: usually one, sometimes all (the raw base text)."""
+# --hard-negatives: rejected answers that take a reward model's shortcuts away (see python -m nanoalign.probe)
+MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer": s}), "upper": str.upper,
+            "lower": str.lower}
+
+
+def _hard_negative(plan: dict, meta: dict, chosen: str, rejected: str, broken) -> str | None:
+    """In a quarter of the pairs, the demonstration in a format the prompt did not ask for, where that breaks one it
+    did ask for (quoted, it no longer begins with the required phrase); else, for a quarter of the rejected answers
+    shorter than the demonstration, the same answer with one more sentence of the topic. Without them a format is
+    only ever seen on the chosen side and chosen is longer in 49% of pairs (shorter in 26%), and the demo's RM scores
+    an unrequested quote +5, JSON +7.5, capitals +3.8, an answer said twice +1.7. Generators seeded by the text."""
+    rng, asked = random.Random(chosen), {c["type"] for c in meta["constraints"]}
+    if rng.random() < 0.25:
+        unasked = [f for f in MISFIRES if f not in asked and not (f in ("upper", "lower") and "case" in asked)]
+        for f in rng.sample(unasked, len(unasked)):
+            if (text := MISFIRES[f](chosen)) != chosen and score(text, meta) < 1:
+                return text
+    rng, extras = random.Random(rejected), [x for x in plan["extras"] if x != plan["avoid_sentence"]]
+    if "word_limit" in broken or len(words(rejected)) >= len(words(chosen)) or not extras or rng.random() < 0.75:
+        return None
+    text = _render(plan, plan["body"] + [rng.choice(extras)], broken)
+    return text if text != chosen and score(text, meta) < 1 else None
+
+
+def _reject(rng: random.Random, plan: dict, meta: dict, chosen: str, hard: bool = False) -> str:
+    """A plausible response that breaks at least one constraint: usually one, sometimes all (the raw base text).
+    hard: some pairs get a _hard_negative instead (its own draws: every other row stays as it is)."""
     fams = [c["type"] for c in meta["constraints"]]
     attempts = ([set(fams)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(fams, len(fams))] + [set(fams)]
     limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
@@ -136,11 +161,11 @@ def _reject(rng: random.Random, plan: dict, meta: dict, chosen: str) -> str:
         body = _break_length(plan, limit, broken) if "word_limit" in broken else plan["body"]
         text = _render(plan, body, broken)
         if text != chosen and score(text, meta) < 1:
-            return text
+            return (hard and _hard_negative(plan, meta, chosen, text, broken)) or text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")
 
 
-def _text_task(rng: random.Random, split: str):
+def _text_task(rng: random.Random, split: str, hard: bool = False):
     """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
     fams = []
@@ -186,7 +211,7 @@ def _text_task(rng: random.Random, split: str):
             c["value"] = -(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most" else max(5, wc // 5 * 5)
     meta = {"prompt": request + " " + " ".join(describe(c) for c in cons), "constraints": cons, "topic": topic,
             "split": split}
-    return meta, chosen, _reject(rng, plan, meta, chosen)
+    return meta, chosen, _reject(rng, plan, meta, chosen, hard)
 
 
 def _arith_split(a: int, op: str, b: int) -> str:  # fixed, so eval problems never appear in training
@@ -208,11 +233,12 @@ def _arithmetic_task(rng: random.Random, split: str):
     return meta, str(answer), rejected
 
 
-def sample_example(rng: random.Random, split: str) -> tuple[dict, str, str]:
-    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response)."""
+def sample_example(rng: random.Random, split: str, hard: bool = False) -> tuple[dict, str, str]:
+    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response); hard: with
+    --hard-negatives."""
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split)
-    while (out := _text_task(rng, split)) is None:
+    while (out := _text_task(rng, split, hard)) is None:
         pass
     return out
 
@@ -225,8 +251,10 @@ def _write_jsonl(path: str, rows: list[dict]):
     os.replace(tmp, path)  # readers never see half a file
 
 
-def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200) -> dict[str, int]:
-    """Write sft/prefs/prompts/eval/eval_prefs .jsonl into `out`, deterministically from `seed`; returns rows per file."""
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
+         hard_negatives: bool = False) -> dict[str, int]:
+    """Write sft/prefs/prompts/eval/eval_prefs .jsonl into `out`, deterministically from `seed`; returns rows per file.
+    hard_negatives changes some rejected answers (_hard_negative) and nothing else."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -235,7 +263,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, chosen, rejected = sample_example(rng, split)
+            meta, chosen, rejected = sample_example(rng, split, hard_negatives)
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
@@ -260,6 +288,7 @@ class MakeConfig:
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (disjoint topics and keywords)
+    hard_negatives: bool = False  # some rejected answers in an unrequested format, or longer (see _hard_negative)
 
 
 def _make_main(cfg: MakeConfig) -> dict[str, int]:
@@ -267,7 +296,7 @@ def _make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
     for f in ("n_sft", "n_prefs", "n_prompts", "n_eval"):
         cli.check(getattr(cfg, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
-    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval)
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.hard_negatives)
     for name, k in counts.items():
         print(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}")
     return counts

@@ -224,6 +224,31 @@ def test_make_is_deterministic_per_seed(tmp_path):
     assert len(read(tmp_path / "a", "prefs")) == 150
 
 
+def test_hard_negatives_change_some_rejected_answers_only(made, tmp_path):
+    d, f = made
+    tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--hard-negatives"])
+    for n in ("sft", "prompts", "eval"):
+        assert (tmp_path / f"{n}.jsonl").read_bytes() == (d / f"{n}.jsonl").read_bytes(), n
+    hard = read(tmp_path, "prefs")
+    assert [(r["prompt"], r["chosen"]) for r in hard] == [(r["prompt"], r["chosen"]) for r in f["prefs"]]
+    changed = [r for r, o in zip(hard, f["prefs"]) if r["rejected"] != o["rejected"]]
+    assert 0.1 < len(changed) / len(hard) < 0.3
+    for r in hard:
+        assert score(r["rejected"], r) < 1.0, r  # still a real negative for the gold judge
+    asked = lambda r: {c["type"] for c in r["constraints"]}
+    quoted = [r for r in changed if r["rejected"] == f'"{r["chosen"]}"']
+    assert quoted and all("quotes" not in asked(r) for r in quoted)  # quotes nobody asked for
+    assert any(r["rejected"] == r["chosen"].upper() and "case" not in asked(r) for r in changed)
+
+    def longer_shorter(rows):  # fraction of pairs whose chosen has more / fewer words than its rejected
+        d = [len(judge.words(r["chosen"])) - len(judge.words(r["rejected"])) for r in rows]
+        return sum(x > 0 for x in d) / len(d), sum(x < 0 for x in d) / len(d)
+    more, fewer = longer_shorter(f["prefs"])
+    assert more - fewer > 0.15  # the default data: chosen is usually the longer one
+    more, fewer = longer_shorter(hard)
+    assert abs(more - fewer) < 0.1
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["make", "--out", "X", "--n-sft", "-1"], "--n-sft must be >= 0"),
     (["make", "--out", "X", "--n-eval", "-5"], "--n-eval must be >= 0"),
