@@ -23,33 +23,48 @@ test: $(STAMP)
 
 # The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
 # prompts. Sized for ~10 minutes on 2 CPU cores; `make demo GOLD=1` adds a second PPO run against the gold judge
-# (RL with verifiable rewards, ~2 more minutes). For a longer, stronger run multiply the --max-steps (e.g. SFT 200,
-# RM 150, DPO 150, PPO 40), add --eval-data $(DATA)/eval_prefs.jsonl to RM and DPO, and drop --limit.
+# (RL with verifiable rewards, ~2 more minutes). `make demo LONG=1` is a longer run into out/long: 10x the SFT
+# steps, ~3-4x the RM and DPO steps (with held-out accuracy logged), 3x the PPO iterations, all 100 eval prompts.
 # LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
 # runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
 # own). DPO and PPO never use it.
+LONG    ?= 0
+GOLD    ?= 0
+ifeq ($(LONG),1)
+DEMO    := out/long
+STEPS   := 200 150 120 12 100
+HELDOUT := --eval-data $(DEMO)/data/eval_prefs.jsonl
+else
 DEMO    := out/demo
+STEPS   := 20 40 40 4 64
+endif
+# SFT steps, RM steps, DPO steps, PPO iterations, eval prompts
+SFT_STEPS = $(word 1,$(STEPS))
+RM_STEPS = $(word 2,$(STEPS))
+DPO_STEPS = $(word 3,$(STEPS))
+PPO_STEPS = $(word 4,$(STEPS))
+N_EVAL = $(word 5,$(STEPS))
 DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
-GOLD    ?= 0
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
-		--lora-dropout 0 --lr 3e-4 --batch-size 8 --max-steps 20 --warmup 2 --max-len 256 --log-every 4
+		--lora-dropout 0 --lr 3e-4 --batch-size 8 --max-steps $(SFT_STEPS) --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
-		--lora-dropout 0 --lr 3e-4 --batch-size 4 --max-steps 40 --warmup 2 --max-len 256 --log-every 4
+		--lora-dropout 0 --lr 3e-4 --batch-size 4 --max-steps $(RM_STEPS) --warmup 2 --max-len 256 --log-every 4 $(HELDOUT)
 	$(BIN)/python train_dpo.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/dpo $(LORA) \
-		--lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps 40 --warmup 2 --max-len 256 --log-every 5
+		--lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps $(DPO_STEPS) --warmup 2 --max-len 256 --log-every 5 \
+		$(HELDOUT)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps 4
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS)
 ifeq ($(GOLD),1)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
 		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps 4 --log-every 1
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS) --log-every 1
 endif
-	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit 64 --batch-size 64 \
+	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
 		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
