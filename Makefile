@@ -31,19 +31,21 @@ test: $(STAMP)
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
-DEMO    := out/long
-STEPS   := 200 150 120 12 100
-HELDOUT := --eval-data $(DEMO)/data/eval_prefs.jsonl
+DEMO      := out/long
+SFT_STEPS := 200
+RM_STEPS  := 150
+DPO_STEPS := 120
+PPO_STEPS := 12
+N_EVAL    := 100
+HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
 else
-DEMO    := out/demo
-STEPS   := 20 40 40 4 64
+DEMO      := out/demo
+SFT_STEPS := 20
+RM_STEPS  := 40
+DPO_STEPS := 40
+PPO_STEPS := 4
+N_EVAL    := 64
 endif
-# SFT steps, RM steps, DPO steps, PPO iterations, eval prompts
-SFT_STEPS = $(word 1,$(STEPS))
-RM_STEPS = $(word 2,$(STEPS))
-DPO_STEPS = $(word 3,$(STEPS))
-PPO_STEPS = $(word 4,$(STEPS))
-N_EVAL = $(word 5,$(STEPS))
 DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
 demo: $(STAMP)

@@ -124,7 +124,7 @@ def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False, 
 def rm_score(rm, seq, attn, cut=None, eos_id: int = 0):
     """Reward-model score (B,) read at the last real token of prompt+response (pitfall 6). cut: (B,) bool, the rows
     cut off before EOS. An RM only ever saw finished answers, and its score at a mid-answer token is off its data (the
-    demo's RM scored its held-out demonstrations +3.6 higher with the final EOS dropped): such a row is scored as the
+    demo's RM scored its held-out demonstrations +3.5 higher with the final EOS dropped): such a row is scored as the
     text it is, closed with EOS, which is also what the gold judge scores."""
     if cut is not None:
         seq = torch.cat([seq, torch.full_like(seq[:, :1], eos_id)], 1)

@@ -28,7 +28,8 @@ import re
 import sys
 
 from . import cli
-from .judge import FAMILIES, check, has_word, score, words
+from .answers import reject, render
+from .judge import FAMILIES, has_word, words
 
 TEXT_FAMILIES = FAMILIES[:-1]  # arithmetic always stands alone
 # pairs that cannot hold at once: a bulleted answer is not one quoted string, JSON cannot begin with a phrase, ...
@@ -84,87 +85,6 @@ def describe(c: dict) -> str:
             "json": f'Answer with a JSON object that has the key "{v}".'}[t]
 
 
-def _render(plan: dict, body: list[str], broken=frozenset()) -> str:
-    """Turn base sentences into a response that satisfies every constraint except those in `broken`."""
-    c = {x["type"]: x["value"] for x in plan["constraints"]}
-    body = list(body)
-    if "avoid" in broken:  # slip in the sentence that uses the word, keeping the number of sentences
-        body = body[:-1] + [plan["avoid_sentence"]] if len(body) > 1 else body + [plan["avoid_sentence"]]
-    if "bullets" in broken and len(body) == c["bullets"]:
-        body = body[:-1]  # one bullet short (a cut-down body may already be short)
-    if "keyword" in c and "keyword" not in broken:
-        body[-1] += " " + plan["keyword_sentence"]
-    if "no_commas" in c and "no_commas" not in broken:
-        body = [s.replace(",", "") for s in body]
-    elif "no_commas" in broken and not any("," in s for s in body):
-        body[0] = "Well, " + body[0][0].lower() + body[0][1:]
-    pieces = body if "bullets" in c else [" ".join(body)]
-    if "start" in c and "start" not in broken:
-        pieces[0] = c["start"] + " " + pieces[0]
-    if "end" in c and "end" not in broken:
-        pieces[-1] += " " + c["end"]
-    if "case" in c and "case" not in broken:
-        pieces = [p.lower() if c["case"] == "lower" else p.upper() for p in pieces]
-    if "bullets" in c:
-        return "\n".join("- " + p for p in pieces)
-    text = pieces[0]
-    if "quotes" in c and "quotes" not in broken:
-        text = f'"{text}"'
-    if "json" in c and "json" not in broken:
-        text = json.dumps({c["json"]: text}, ensure_ascii=False)
-    return text
-
-
-def _break_length(plan: dict, limit: dict, broken) -> list[str]:
-    """Base sentences whose rendering violates the word limit: more sentences, or one short cut-down sentence."""
-    body = plan["body"]
-    if limit["relation"] == "at_most":
-        more = plan["extras"] + body
-        tries = [body + more[:j] for j in range(1, len(more) + 1)]
-    else:
-        ws = min(body, key=lambda s: len(words(s))).rstrip(".").split()
-        tries = [[" ".join(ws[:m]) + "."] for m in range(len(ws), 2, -1)]
-    return next((b for b in tries if not check(limit, _render(plan, b, broken))), tries[-1])
-
-
-# --hard-negatives: rejected answers that take a reward model's shortcuts away (see python -m nanoalign.probe)
-MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer": s}), "upper": str.upper,
-            "lower": str.lower}
-
-
-def _hard_negative(plan: dict, meta: dict, chosen: str, rejected: str, broken) -> str | None:
-    """In a quarter of the pairs, the demonstration in a format the prompt did not ask for, where that breaks one it
-    did ask for (quoted, it no longer begins with the required phrase); else, for a quarter of the rejected answers
-    shorter than the demonstration, the same answer with one more sentence of the topic. Without them a format is
-    only ever seen on the chosen side and chosen is longer in 49% of pairs (shorter in 26%), and the demo's RM scores
-    an unrequested quote +5, JSON +7.5, capitals +3.8, an answer said twice +1.7. Generators seeded by the text."""
-    rng, asked = random.Random(chosen), {c["type"] for c in meta["constraints"]}
-    if rng.random() < 0.25:
-        unasked = [f for f in MISFIRES if f not in asked and not (f in ("upper", "lower") and "case" in asked)]
-        for f in rng.sample(unasked, len(unasked)):
-            if (text := MISFIRES[f](chosen)) != chosen and score(text, meta) < 1:
-                return text
-    rng, extras = random.Random(rejected), [x for x in plan["extras"] if x != plan["avoid_sentence"]]
-    if "word_limit" in broken or len(words(rejected)) >= len(words(chosen)) or not extras or rng.random() < 0.75:
-        return None
-    text = _render(plan, plan["body"] + [rng.choice(extras)], broken)
-    return text if text != chosen and score(text, meta) < 1 else None
-
-
-def _reject(rng: random.Random, plan: dict, meta: dict, chosen: str, hard: bool = False) -> str:
-    """A plausible response that breaks at least one constraint: usually one, sometimes all (the raw base text).
-    hard: some pairs get a _hard_negative instead (its own draws: every other row stays as it is)."""
-    fams = [c["type"] for c in meta["constraints"]]
-    attempts = ([set(fams)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(fams, len(fams))] + [set(fams)]
-    limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
-    for broken in attempts:
-        body = _break_length(plan, limit, broken) if "word_limit" in broken else plan["body"]
-        text = _render(plan, body, broken)
-        if text != chosen and score(text, meta) < 1:
-            return (hard and _hard_negative(plan, meta, chosen, text, broken)) or text
-    raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")
-
-
 def _text_task(rng: random.Random, split: str, hard: bool = False):
     """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
@@ -203,7 +123,7 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
     cons = [{"type": f, "value": v.get(f)} for f in fams]
     plan = {"constraints": cons, "body": body, "extras": [s for s in pool if s not in body],
             "avoid_sentence": avoid_sentence, "keyword_sentence": kw_sentence.format(v["keyword"])}
-    chosen = _render(plan, body)
+    chosen = render(plan, body)
     for c in cons:  # the limit is set from the demonstration, rounded to a multiple of 5 on the safe side
         if c["type"] == "word_limit":
             wc = len(words(chosen))
@@ -211,7 +131,7 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
             c["value"] = -(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most" else max(5, wc // 5 * 5)
     meta = {"prompt": request + " " + " ".join(describe(c) for c in cons), "constraints": cons, "topic": topic,
             "split": split}
-    return meta, chosen, _reject(rng, plan, meta, chosen, hard)
+    return meta, chosen, reject(rng, plan, meta, chosen, hard)
 
 
 def _arith_split(a: int, op: str, b: int) -> str:  # fixed, so eval problems never appear in training
@@ -254,7 +174,7 @@ def _write_jsonl(path: str, rows: list[dict]):
 def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
          hard_negatives: bool = False) -> dict[str, int]:
     """Write sft/prefs/prompts/eval/eval_prefs .jsonl into `out`, deterministically from `seed`; returns rows per file.
-    hard_negatives changes some rejected answers (_hard_negative) and nothing else."""
+    hard_negatives changes some rejected answers (answers.hard_negative) and nothing else."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -288,7 +208,7 @@ class MakeConfig:
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (disjoint topics and keywords)
-    hard_negatives: bool = False  # some rejected answers in an unrequested format, or longer (see _hard_negative)
+    hard_negatives: bool = False  # some rejected answers in an unrequested format, or longer (answers.hard_negative)
 
 
 def _make_main(cfg: MakeConfig) -> dict[str, int]:
