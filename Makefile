@@ -28,9 +28,6 @@ test: $(STAMP)
 # LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
 # runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
 # own). DPO and PPO never use it.
-# --hard-negatives: some rejected answers are the demonstration in a format nobody asked for, or one sentence longer,
-# so the RM cannot learn "quotes/JSON/capitals/length = good" (README: the probe). --missing-eos-penalty -5 is about
-# one standard deviation of this RM's scores; the script's default of -1 barely registers against them.
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
@@ -44,7 +41,7 @@ HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
 else
 DEMO      := out/demo
 SFT_STEPS := 20
-RM_STEPS  := 64
+RM_STEPS  := 40
 DPO_STEPS := 40
 PPO_STEPS := 4
 N_EVAL    := 64
@@ -53,7 +50,7 @@ DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100 --hard-negatives
+	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
 		--lora-dropout 0 --lr 3e-4 --batch-size 8 --max-steps $(SFT_STEPS) --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
@@ -63,7 +60,7 @@ demo: $(STAMP)
 		$(HELDOUT)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
-		--max-new-tokens 64 --kl-coef 0.05 --missing-eos-penalty -5 --max-steps $(PPO_STEPS)
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS)
 ifeq ($(GOLD),1)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
 		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
