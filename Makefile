@@ -28,6 +28,9 @@ test: $(STAMP)
 # LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
 # runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
 # own). DPO and PPO never use it.
+# The RM-reward PPO run takes RLOO's advantages (each response against the other 3 of its prompt) instead of GAE's:
+# in 4 iterations the value head never learns (explained variance ~0), so GAE would compare responses to different
+# prompts. Same PPO-clip update and cost (4 prompts x 4 samples = 16 responses per iteration).
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
@@ -59,8 +62,8 @@ demo: $(STAMP)
 		--lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps $(DPO_STEPS) --warmup 2 --max-len 256 --log-every 5 \
 		$(HELDOUT)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
-		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 2 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS)
+		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --estimator rloo --rollout-batch 4 --samples-per-prompt 4 \
+		--minibatch-size 8 --ppo-epochs 2 --max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS)
 ifeq ($(GOLD),1)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
 		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
