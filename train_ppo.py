@@ -226,7 +226,7 @@ def main(cfg: Config) -> dict:
         batch = [items[i] for i in idx for _ in range(k)]
         g = torch.Generator().manual_seed(hash((cfg.seed, step)) % 2**62)
         u = loop.shard(torch.rand(cfg.rollout_batch, k, cfg.max_new_tokens, generator=g), rank, world)  # (B/k, k, T)
-        sampler = sampling_copy(model, pack=not cfg.compile) if cfg.bf16 else model  # --bf16: bf16 weights, faster
+        sampler = sampling_copy(model) if cfg.bf16 else model  # --bf16: bf16 weights, faster
         ro = generate(sampler, [ids for ids, _ in batch], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature,
                       compile=cfg.compile, uniforms=u.reshape(B, -1).to(device))
         del sampler

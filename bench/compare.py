@@ -15,8 +15,8 @@ peak_rss_mb (VmHWM: the process's peak resident set, imports and model included)
               strings of single-token words that tokenize to exactly 64 tokens each (TRL appends the EOS).
     generate  batch 8, random 32-token prompts, 64 new tokens, pure sampling at T=1, EOS never stops a row.
               Ours: nanoalign.generate.generate on an fp32 sampling_copy (q/k/v and gate/up fused, weights packed
-              for oneDNN; and, as an extra, the bf16 one that train_ppo.py --bf16 samples from). Peer:
-              transformers model.generate in fp32. Both via bench/generate.py.
+              for oneDNN; and, as extras, the bf16 one that train_ppo.py --bf16 samples from, eager and with its
+              decode step compiled). Peer: transformers model.generate in fp32. Both via bench/generate.py.
     logprobs  per-token log-probs of an (8, 512) batch from final hidden states through the frozen (tied, LoRA)
               lm_head, V=49152, forward + backward. Ours: logprobs_chunked. Peer: the naive path, full logits then
               trl.trainer.utils.selective_log_softmax. Extra: TRL's own chunked head (ChunkedLogProbFunction, which
@@ -46,7 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("sft", "dpo", "generate", "logprobs")
 SIDES = {"sft": ("nanoalign", "peer", "nanoalign-compiled"), "dpo": ("nanoalign", "peer", "nanoalign-compiled"),
-         "generate": ("nanoalign", "peer", "nanoalign-bf16"), "logprobs": ("nanoalign", "peer", "trl-fused")}
+         "generate": ("nanoalign", "peer", "nanoalign-bf16", "nanoalign-compiled"), "logprobs": ("nanoalign", "peer", "trl-fused")}
 PEER_NAMES = {"sft": "trl-sft+peft", "dpo": "trl-dpo+peft", "generate": "hf-generate",
               "logprobs": "trl-selective_log_softmax"}
 GOALS = {"sft": {"tokens_per_s": 1.5}, "dpo": {"tokens_per_s": 2.0, "peak_rss_mb": 0.6},
@@ -189,10 +189,12 @@ def ours_train(workload: str, warmup: int, steps: int, sh: dict, compiled: bool 
 
 def generate_side(side: str, steps: int, sh: dict) -> dict:
     import generate as bench_generate  # bench/generate.py
-    kind, dtype = ("hf", "float32") if side == "peer" else ("nanoalign", "bfloat16" if "bf16" in side else "float32")
-    r = bench_generate.one(kind, sh["gen_batch"], sh["gen_prompt"], sh["gen_new"], steps, False, dtype,
+    compiled = side == "nanoalign-compiled"  # the bf16 copy with its decode step compiled (~1-2 min of compile)
+    kind, dtype = ("hf", "float32") if side == "peer" else \
+        ("nanoalign", "bfloat16" if "bf16" in side or compiled else "float32")
+    r = bench_generate.one(kind, sh["gen_batch"], sh["gen_prompt"], sh["gen_new"], steps, compiled, dtype,
                            packed=kind == "nanoalign")  # ours: sampling_copy (fused, packed), in fp32 or bf16
-    name = PEER_NAMES["generate"] if side == "peer" else f"nanoalign-{dtype}"
+    name = PEER_NAMES["generate"] if side == "peer" else f"nanoalign-{dtype}" + "-compiled" * compiled
     return {"name": name, "step_s": round(r["batch"] * r["new_tokens"] / r["tokens_per_s"], 3),
             "tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "decode_ms": round(r["step_ms"], 1), "first_call_s": round(r["first_call_s"], 2), "dtype": dtype,
@@ -272,7 +274,7 @@ def compare(workload: str, rows: dict, sh: dict, quick: bool) -> dict:
         return all(r[k] >= v if k == "tokens_per_s" else r[k] <= v for k, v in goal.items())
 
     line = {"workload": workload, "nanoalign": ours, "peer": peer, "ratio": ratio, "goal": goal, "goal_met": met(ratio)}
-    for extra in SIDES[workload][2:]:  # sft/dpo: our --compile; generate: our bf16 sampling copy; logprobs: TRL's
+    for extra in SIDES[workload][2:]:  # sft/dpo: --compile; generate: bf16, eager and compiled; logprobs: TRL's
         key = {"nanoalign-bf16": "nanoalign_bf16", "trl-fused": "peer_trl_fused",  # own chunked head
                "nanoalign-compiled": "nanoalign_compiled"}[extra]
         line[key] = rows[extra]

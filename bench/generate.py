@@ -6,11 +6,11 @@
 Workload: SmolLM2-135M-Instruct, random 32-token prompts, 64 new tokens (EOS never stops a row, so every setting
 produces exactly batch x 64 tokens), pure sampling at T=1, 2 threads. Settings: nanoalign fp32 eager on the model
 itself; sampling_copy in fp32 and in bf16 (fused q/k/v and gate/up, weights packed for oneDNN: what train_ppo.py
---bf16 and evaluate --bf16 sample from); the decode step torch.compile'd, on the fp32 model and on the unpacked
-bf16 copy (~1-2 min of compile each, --no-compile skips them); transformers' model.generate in fp32 and in bf16
-(dtype=torch.bfloat16). Each setting runs in its own subprocess so that peak RSS is its own, once per round; its
-fastest round counts. One JSON line per run, then one summary line per batch: our fastest setting against
-transformers' default (fp32), and the ratios at equal dtype.
+--bf16 and evaluate --bf16 sample from); the decode step torch.compile'd (C++ wrapper; the packed matmuls stay
+oneDNN calls) on the packed fp32 and bf16 copies (~1-2 min of compile each, --no-compile skips them);
+transformers' model.generate in fp32 and in bf16 (dtype=torch.bfloat16). Each setting runs in its own subprocess
+so that peak RSS is its own, once per round; its fastest round counts. One JSON line per run, then one summary
+line per batch: our fastest setting against transformers' default (fp32), and the ratios at equal dtype.
 """
 import argparse
 import itertools
@@ -90,7 +90,7 @@ def main():
         peer = False
     results = []
     settings = [("nanoalign", 0, "float32", 0), ("nanoalign", 0, "float32", 1), ("nanoalign", 0, "bfloat16", 1)]
-    settings += [] if a.no_compile else [("nanoalign", 1, "float32", 0), ("nanoalign", 1, "bfloat16", 0)]
+    settings += [] if a.no_compile else [("nanoalign", 1, "float32", 1), ("nanoalign", 1, "bfloat16", 1)]
     settings += [("hf", 0, "float32", 0), ("hf", 0, "bfloat16", 0)] if peer else []
     # the machine's speed drifts by tens of percent over minutes: run every setting once per round, keep its best
     for batch, _, (kind, compiled, dtype, packed) in itertools.product(a.batches, range(a.rounds), settings):
@@ -115,6 +115,7 @@ def main():
         if not (hf32 and ours):
             continue
         best = max(ours, key=lambda r: r["tokens_per_s"])
+        best16 = max((r for r in ours if r["dtype"] == "bfloat16"), key=lambda r: r["tokens_per_s"], default=None)
         ratio = lambda ours, peer: round(ours["tokens_per_s"] / peer["tokens_per_s"], 2) if ours and peer else None
         print(json.dumps({"name": "generate/summary", "batch": batch, "tokens_per_s": best["tokens_per_s"],
                           "compiled": best["compiled"], "dtype": best["dtype"], "packed": best["packed"],
@@ -123,7 +124,7 @@ def main():
                                     round(best["peak_rss_mb"] / hf32["peak_rss_mb"], 2)},
                           "ratio_fp32_eager_vs_hf_fp32": ratio(rows.get(("nanoalign", False, "float32", False)), hf32),
                           "ratio_fp32_packed_vs_hf_fp32": ratio(rows.get(("nanoalign", False, "float32", True)), hf32),
-                          "ratio_bf16_vs_hf_bf16": ratio(rows.get(("nanoalign", False, "bfloat16", True)), hf16),
+                          "ratio_bf16_vs_hf_bf16": ratio(best16, hf16),
                           "goal": {"tokens_per_s": 3.0}}))
 
 

@@ -6,9 +6,11 @@ attention mask (cumsum - 1), so a padded row sees exactly the positions it would
     python -m nanoalign.generate --model DIR --prompts prompts.jsonl --out completions.jsonl [--temperature 0]
 """
 import copy
+import itertools
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,21 @@ def _forward_last(model, ids, mask, cache_pos):
 
 
 _compiled_step = None
+_PACKED: dict[int, torch.Tensor] = {}  # key -> a weight in oneDNN's blocked layout (see PackedLinear)
+_next_key = itertools.count(1)
+
+
+@torch.library.custom_op("nanoalign::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x @ W.T for the packed W in _PACKED[key]. As a custom op it is one opaque call to torch.compile, which cannot
+    trace oneDNN's packed tensors; and the key is a tensor input, not a constant, so a new sampling copy (PPO makes
+    one per iteration) runs the same compiled step."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[int(key)], None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, key, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class PackedLinear(torch.nn.Module):
@@ -76,10 +93,13 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, weight, batch_hint: int = 8):
         super().__init__()
         self.out_features = weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)  # opaque: not a parameter
+        key = next(_next_key)
+        self.register_buffer("key", torch.tensor(key), persistent=False)
+        _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        weakref.finalize(self, _PACKED.pop, key, None)  # the packed weight lives as long as this module
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return packed_linear(x, self.key, self.out_features)
 
 
 def pack_linears(model):
@@ -116,7 +136,7 @@ def fuse_projections(model):
 @torch.no_grad()
 def sampling_copy(model, dtype=torch.bfloat16, pack: bool = True):
     """A frozen copy to sample from: LoRA merged into the weights, which are cast to `dtype`, fused (q/k/v and
-    gate/up) and, with pack, reordered for oneDNN (pack=False to torch.compile it: packed weights are opaque to it).
+    gate/up) and, with pack, reordered for oneDNN.
     Decoding reads every weight once per token, so on a CPU it is bound by memory traffic and per-op overhead: bf16
     halves the traffic, fusing and packing cut the overhead (see bench/generate.py). The samples come from a bf16
     rounding of the policy; PPO still takes every log-prob from the policy itself."""
@@ -147,8 +167,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         mask = torch.cat([pmask, torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], dim=1)
         step = _forward_last
         if compile:
-            if _compiled_step is None:
-                _compiled_step = torch.compile(_forward_last, dynamic=False)
+            if _compiled_step is None:  # C++ wrapper: no Python between the step's ~20 kernels per layer
+                _compiled_step = torch.compile(_forward_last, dynamic=False, options={"cpp_wrapper": True})
             step = _compiled_step
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -214,7 +234,7 @@ def main(cfg: Config):
     check(not os.path.isdir(cfg.out), f"{cfg.out}: is a directory, not a file path")
     rows = read_prompts(cfg.prompts)
     model, tok = load(cfg.model, cfg.device)
-    model = sampling_copy(model, pack=not cfg.compile) if cfg.bf16 else model  # (compile: unpacked weights)
+    model = sampling_copy(model) if cfg.bf16 else model
     t0 = time.time()
     texts = generate_texts(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.seed,
                            cfg.batch_size, cfg.top_k, cfg.top_p, cfg.compile)

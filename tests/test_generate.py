@@ -223,13 +223,26 @@ def test_sampling_copy_of_a_qlora_model_with_unadapted_nf4_layers():
 
 
 @torch.no_grad()
-def test_compiled_decode_step_of_a_fused_copy_matches_eager():
+def test_compiled_decode_step_matches_eager_and_serves_a_new_packed_copy_without_recompiling():
+    from torch._dynamo.utils import counters
     model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)
-    fused = sampling_copy(model, torch.float32, pack=False)  # what --compile samples from (packed weights are opaque)
+    fused, packed = sampling_copy(model, torch.float32, pack=False), sampling_copy(model, torch.float32)
     ids = prompts_of([12, 5, 9])
     want = generate(model, ids, 6, NEVER, 0, temperature=0).responses()
-    assert generate(fused, ids, 6, NEVER, 0, temperature=0).responses() == want
-    assert generate(fused, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
+    for copied in (fused, packed):
+        assert generate(copied, ids, 6, NEVER, 0, temperature=0).responses() == want
+        assert generate(copied, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
+    # PPO samples from a new copy each iteration: the packed weights are looked up by a key tensor, an input of the
+    # compiled step, so the step is reused (no new graph) and reads the new weights, not the old ones
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    del packed
+    packed = sampling_copy(model, torch.float32)
+    want, old = generate(model, ids, 6, NEVER, 0, temperature=0).responses(), want
+    assert want != old
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate(packed, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_generate_cli_writes_rows_in_input_order(tmp_path, tiny):
