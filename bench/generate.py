@@ -1,7 +1,7 @@
 """Sampling throughput: nanoalign's KV-cache generate (eager, compiled, bf16 weights) vs transformers' generate.
 
     python bench/generate.py [--batches 1 8] [--prompt-len 32] [--new 64] [--reps 3] [--rounds 2] [--no-peer]
-                             [--no-compile]
+                             [--no-compile] [--interleave]
 
 Workload: SmolLM2-135M-Instruct, random 32-token prompts, 64 new tokens (EOS never stops a row, so every setting
 produces exactly batch x 64 tokens), pure sampling at T=1, 2 threads. Settings: nanoalign fp32 eager on the model
@@ -11,6 +11,7 @@ oneDNN calls) on the packed fp32 and bf16 copies (~1-2 min of compile each, --no
 transformers' model.generate in fp32 and in bf16 (dtype=torch.bfloat16). Each setting runs in its own subprocess
 so that peak RSS is its own, once per round; its fastest round counts. One JSON line per run, then one summary
 line per batch: our fastest setting against transformers' default (fp32), and the ratios at equal dtype.
+--interleave instead runs our bf16 copy (eager, compiled) and HF fp32 in one process, in turn, --reps times each.
 """
 import argparse
 import itertools
@@ -25,8 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: bool, dtype: str,
-        packed: bool = False) -> dict:
+def setup(kind: str, batch: int, prompt_len: int, new: int, compiled: bool, dtype: str, packed: bool = False):
+    """-> run(), one generate call of the setting on a fixed batch of random prompts."""
     import torch
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     sys.path.insert(0, ROOT)
@@ -51,6 +52,12 @@ def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: b
         def run():
             generate(model, prompts.tolist(), new, eos_id=-1, pad_id=tok.pad_id, temperature=1.0, generator=g,
                      compile=compiled)
+    return run
+
+
+def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: bool, dtype: str,
+        packed: bool = False) -> dict:
+    run = setup(kind, batch, prompt_len, new, compiled, dtype, packed)
     t0 = time.perf_counter()
     run()  # warmup (and compilation)
     warm_s = time.perf_counter() - t0
@@ -65,6 +72,26 @@ def one(kind: str, batch: int, prompt_len: int, new: int, reps: int, compiled: b
             "first_call_s": warm_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def interleaved(batch: int, prompt_len: int, new: int, reps: int) -> dict:
+    """Our bf16 copy (eager and compiled) and HF fp32 in one process, taking turns: the machine's drift then hits
+    every setting alike, so the ratios are steadier than across processes (no per-setting peak RSS here)."""
+    settings = {"eager_bf16": ("nanoalign", False, "bfloat16", True),
+                "compiled_bf16": ("nanoalign", True, "bfloat16", True), "hf_fp32": ("hf", False, "float32", False)}
+    runs = {k: setup(kind, batch, prompt_len, new, c, d, p) for k, (kind, c, d, p) in settings.items()}
+    for run in runs.values():
+        run()  # warmup (and compilation)
+    times = {k: [] for k in runs}
+    for _, (k, run) in itertools.product(range(reps), runs.items()):
+        t0 = time.perf_counter()
+        run()
+        times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"name": "generate/interleaved", "batch": batch, "prompt_len": prompt_len, "new_tokens": new, "reps": reps,
+            "step_ms": {k: round(1000 * t / new, 1) for k, t in med.items()},
+            "tokens_per_s": {k: round(batch * new / t, 1) for k, t in med.items()},
+            "ratio": {k: round(med["hf_fp32"] / med[k], 2) for k in ("eager_bf16", "compiled_bf16")}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -74,11 +101,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled setting (~2 min of compile each)")
+    ap.add_argument("--interleave", action="store_true", help="one process, settings in turn (see interleaved)")
     ap.add_argument("--child", nargs=5, metavar=("KIND", "BATCH", "COMPILED", "DTYPE", "PACKED"))
     a = ap.parse_args()
     if a.child:
         kind, batch, compiled, dtype, packed = a.child[0], int(a.child[1]), a.child[2] == "1", a.child[3], a.child[4]
         print(json.dumps(one(kind, batch, a.prompt_len, a.new, a.reps, compiled, dtype, packed == "1")))
+        return
+    if a.interleave:
+        for batch in a.batches:
+            print(json.dumps(interleaved(batch, a.prompt_len, a.new, a.reps)), flush=True)
         return
     sys.path.insert(0, ROOT)
     from nanoalign import hub

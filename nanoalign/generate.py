@@ -93,13 +93,16 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, weight, batch_hint: int = 8):
         super().__init__()
         self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)  # opaque: not a parameter
         key = next(_next_key)
         self.register_buffer("key", torch.tensor(key), persistent=False)
-        _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-        weakref.finalize(self, _PACKED.pop, key, None)  # the packed weight lives as long as this module
+        _PACKED[key] = self.packed
+        weakref.finalize(self, _PACKED.pop, key, None)  # the registry's entry goes with this module
 
     def forward(self, x):
-        return packed_linear(x, self.key, self.out_features)
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.key, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")  # eager: no custom-op toll
 
 
 def pack_linears(model):
