@@ -57,8 +57,9 @@ def _batch(seqs, pad_id, masks=None):
 
 
 @torch.no_grad()
-def response_logprobs(model, samples, pad_id, temperature, batch_size=16):
-    """Summed log-probs (at the sampling temperature) and token counts of each sample's response."""
+def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=False):
+    """Summed log-probs (at the sampling temperature) and token counts of each sample's response.
+    bf16: the trunk under bf16 autocast (~2x faster here); the lm_head and log-softmax stay fp32 (pitfall 4)."""
     device = next(model.parameters()).device
     sums, counts = [], []
     for i in range(0, len(samples), batch_size):
@@ -66,7 +67,8 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16):
         seqs = [p + r for p, r, _, _ in chunk]
         masks = [[0] * len(p) + [1] * len(r) for p, r, _, _ in chunk]
         ids, att, lab = (t.to(device) for t in _batch(seqs, pad_id, masks))
-        lp = token_logprobs(model, ids, att, labels_mask=lab, temperature=max(temperature, 1e-6))
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            lp = token_logprobs(model, ids, att, labels_mask=lab, temperature=max(temperature, 1e-6))
         sums += lp.sum(-1).tolist()
         counts += lab[:, 1:].sum(-1).tolist()
     return sums, counts
@@ -158,8 +160,8 @@ def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref
         if cfg.temperature > 0 and same_as_ref:
             res["kl"] = 0.0  # the reference itself: no forward passes needed
         elif cfg.temperature > 0:
-            lp, cnt = response_logprobs(model, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
-            rlp, _ = response_logprobs(ref, samples, tok.pad_id, cfg.temperature, cfg.batch_size)
+            lp, cnt = response_logprobs(model, samples, tok.pad_id, cfg.temperature, cfg.batch_size, cfg.bf16)
+            rlp, _ = response_logprobs(ref, samples, tok.pad_id, cfg.temperature, cfg.batch_size, cfg.bf16)
             # per-token KL(pi || ref) estimated on pi's own samples (k1, unbiased; >= 0 on average, pitfall 5)
             res["kl"] = sum(a - b for a, b in zip(lp, rlp)) / max(sum(cnt), 1)
         res.update(win_rate(scores, ref_scores, [len(s[1]) for s in samples], [len(s[1]) for s in ref_samples]))
@@ -233,7 +235,7 @@ class Config:
     seed: int = 0  # sampling seed (the same for every model)
     out: str = ""  # results JSON path
     device: str = "cpu"  # cpu or cuda
-    bf16: bool = False  # sample from bf16 copies of the weights (log-probs for the KL stay fp32)
+    bf16: bool = False  # bf16 copies to sample from, bf16 autocast for the KL's forwards (log-probs stay fp32)
 
 
 def main(cfg: Config) -> dict:

@@ -88,6 +88,21 @@ def test_kl_matches_a_fresh_forward_at_the_sampling_temperature_and_is_positive(
     assert res["kl"] > 0 and kl_exact > 0
 
 
+def test_kl_forwards_under_bf16_autocast_stay_near_fp32(suite):
+    (policy, tok), (ref, _) = hub.load("tiny"), hub.load("tiny", seed=1)
+    for m, seed in ((policy, 0), (ref, 1)):
+        m.init_weights(seed, std=0.06).eval()
+    rows = read_prompts(str(suite / "eval.jsonl"))[:8]
+    samples = evaluate.sample(policy, tok, [r["prompt"] for r in rows], 1, 0.7, 24, 0)
+    (lp32, n), (lp16, _) = (evaluate.response_logprobs(policy, samples, tok.pad_id, 0.7, bf16=b) for b in (False, True))
+    (rl32, _), (rl16, _) = (evaluate.response_logprobs(ref, samples, tok.pad_id, 0.7, bf16=b) for b in (False, True))
+    tokens = sum(n)
+    assert lp16 != lp32  # the trunk did run in bf16
+    assert max(abs(a - b) / c for a, b, c in zip(lp16, lp32, n)) < 0.02  # nats per token, per response
+    kl32, kl16 = ((sum(p) - sum(r)) / tokens for p, r in ((lp32, rl32), (lp16, rl16)))
+    assert kl32 > 0.1 and kl16 == pytest.approx(kl32, rel=0.03)
+
+
 def test_kl_of_a_model_to_itself_is_exactly_zero_and_greedy_has_no_kl(suite):
     (a, tok), (b, _) = hub.load("tiny"), hub.load("tiny")
     rows = read_prompts(str(suite / "eval.jsonl"))[:4]
