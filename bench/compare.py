@@ -46,7 +46,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("sft", "dpo", "generate", "logprobs")
 SIDES = {"sft": ("nanoalign", "peer", "nanoalign-compiled"), "dpo": ("nanoalign", "peer", "nanoalign-compiled"),
-         "generate": ("nanoalign", "peer", "nanoalign-bf16", "nanoalign-compiled"), "logprobs": ("nanoalign", "peer", "trl-fused")}
+         "generate": ("nanoalign", "peer", "nanoalign-bf16", "nanoalign-compiled"),
+         "logprobs": ("nanoalign", "peer", "trl-fused")}
 PEER_NAMES = {"sft": "trl-sft+peft", "dpo": "trl-dpo+peft", "generate": "hf-generate",
               "logprobs": "trl-selective_log_softmax"}
 GOALS = {"sft": {"tokens_per_s": 1.5}, "dpo": {"tokens_per_s": 2.0, "peak_rss_mb": 0.6},
