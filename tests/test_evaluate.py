@@ -63,12 +63,16 @@ def exact_kl_and_k1(policy, ref, samples, temperature):
     return exact, k1
 
 
-def test_kl_matches_a_fresh_forward_at_the_sampling_temperature_and_is_positive(suite):
-    policy, tok = hub.load("tiny")
-    ref, _ = hub.load("tiny", seed=1)
-    for m, seed in ((policy, 0), (ref, 1)):  # a wider init: peakier distributions, a KL well above the noise
+def peaky_pair(suite):
+    """Two different tiny models with a wider init (peakier distributions, a KL well above the noise), 8 prompts."""
+    (policy, tok), (ref, _) = hub.load("tiny"), hub.load("tiny", seed=1)
+    for m, seed in ((policy, 0), (ref, 1)):
         m.init_weights(seed, std=0.06).eval()
-    rows = read_prompts(str(suite / "eval.jsonl"))[:8]
+    return policy, ref, tok, read_prompts(str(suite / "eval.jsonl"))[:8]
+
+
+def test_kl_matches_a_fresh_forward_at_the_sampling_temperature_and_is_positive(suite):
+    policy, ref, tok, rows = peaky_pair(suite)
     cfg = evaluate.Config(model="tiny", prompts="-", temperature=0.7, max_new_tokens=24, seed=0)
     judge = evaluate.make_judge("gold")
     ref_samples = evaluate.sample(ref, tok, [r["prompt"] for r in rows], 1, 0.7, 24, 0)
@@ -89,10 +93,7 @@ def test_kl_matches_a_fresh_forward_at_the_sampling_temperature_and_is_positive(
 
 
 def test_kl_forwards_under_bf16_autocast_stay_near_fp32(suite):
-    (policy, tok), (ref, _) = hub.load("tiny"), hub.load("tiny", seed=1)
-    for m, seed in ((policy, 0), (ref, 1)):
-        m.init_weights(seed, std=0.06).eval()
-    rows = read_prompts(str(suite / "eval.jsonl"))[:8]
+    policy, ref, tok, rows = peaky_pair(suite)
     samples = evaluate.sample(policy, tok, [r["prompt"] for r in rows], 1, 0.7, 24, 0)
     (lp32, n), (lp16, _) = (evaluate.response_logprobs(policy, samples, tok.pad_id, 0.7, bf16=b) for b in (False, True))
     (rl32, _), (rl16, _) = (evaluate.response_logprobs(ref, samples, tok.pad_id, 0.7, bf16=b) for b in (False, True))
