@@ -1,5 +1,6 @@
 """RLHF as pure functions: per-token KL estimators and the KL controllers, rewards, GAE, the PPO losses, and the
-critic-free RLOO / GRPO advantages (conventions as in nanoalign/losses.py: (B, T) tensors with a 0/1 mask).
+critic-free RLOO / GRPO advantages (conventions as in nanoalign/losses.py: (B, T) tensors with a 0/1 mask), and
+share_prompts, the row layout that runs a prompt once for its k responses.
 """
 import torch
 
@@ -158,3 +159,36 @@ def explained_variance(values, returns, mask, dist_sum=None):
     masked_mean (over every rank's entries)."""
     var_r = masked_var(returns, mask, unbiased=False, dist_sum=dist_sum)
     return 1 - masked_var(returns - values, mask, unbiased=False, dist_sum=dist_sum) / var_r
+
+
+def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
+    """Rollout rows -> prompt-shared rows, so that a prompt runs once for its k responses (prefs.collate_shared
+    does the same for a preference pair).
+
+    seq, attn (B, P+N): left-padded prompts, then responses; mask (B, N): 1 on each response's tokens, a prefix of
+    the row. The k responses of a prompt are k consecutive rows. Row g of the result is [prompt | response 1 | ... |
+    response k], unpadded; position ids restart after the prompt for each response, and branch_ids (0 prompt, j
+    response j, -1 padding) let a token see the prompt and its own response only, so every hidden state is the one
+    the unshared row gives. "prev" (B, N) is the index, into the result's rows flattened to (B/k · T,), of the hidden
+    state that predicts response token t of row b: the prompt's last token for t = 0, else the token before (0 where
+    mask is 0)."""
+    B, N = mask.shape
+    plens, rlens = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist()
+    G = B // k
+    T = max(plens[g * k] + sum(rlens[g * k:(g + 1) * k]) for g in range(G))
+    ids, att, pos = (torch.zeros(G, T, dtype=torch.long) for _ in range(3))
+    branch = torch.full((G, T), -1, dtype=torch.long)
+    prev = torch.zeros(B, N, dtype=torch.long)
+    cpu = seq.cpu()
+    for g in range(G):
+        p = plens[g * k]
+        ids[g, :p], att[g, :p], pos[g, :p], branch[g, :p] = cpu[g * k, P - p:P], 1, torch.arange(p), 0
+        at = p  # where the next response starts in row g
+        for j in range(k):
+            b, n = g * k + j, rlens[g * k + j]
+            ids[g, at:at + n], att[g, at:at + n], branch[g, at:at + n] = cpu[b, P:P + n], 1, j + 1
+            pos[g, at:at + n] = torch.arange(p, p + n)
+            prev[b, :n] = g * T + torch.cat([torch.tensor([p - 1]), torch.arange(at, at + n - 1)])[:n]
+            at += n
+    out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch, "prev": prev}
+    return {key: v.to(seq.device) for key, v in out.items()}

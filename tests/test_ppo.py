@@ -14,7 +14,7 @@ import train_ppo  # noqa: E402
 from nanoalign import hub, loop  # noqa: E402
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanoalign.cli import UserError, parse_cli  # noqa: E402
-from nanoalign.rl import AdaptiveKLController  # noqa: E402
+from nanoalign.rl import AdaptiveKLController, share_prompts  # noqa: E402
 
 TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
 
@@ -74,6 +74,36 @@ def test_logprobs_are_taken_at_the_sampling_temperature(tiny):
     assert logprobs[1, 2] == 0  # padding has no log-prob
 
 
+def test_share_prompts_layout_hand_worked():
+    # prompt [5, 6] (one left pad), responses [7, 8] and [9] (right pad); k = 2 -> one row [5 6 | 7 8 | 9]
+    seq = torch.tensor([[0, 5, 6, 7, 8], [0, 5, 6, 9, 0]])
+    attn = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]])
+    s = share_prompts(seq, attn, torch.tensor([[1, 1], [1, 0]]), 3, 2)
+    assert s["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert s["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # response 2 restarts after the prompt
+    assert s["branch_ids"].tolist() == [[0, 0, 1, 1, 2]]
+    assert s["prev"].tolist() == [[1, 2], [1, 0]]  # both first tokens are predicted from the prompt's last token
+
+
+def test_shared_prompt_rows_give_the_unshared_logprobs_and_values(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    value_head = torch.nn.Linear(model.cfg.hidden_size, 1)
+    k, P, N = 3, 6, 5
+    plens, rlens = [6, 3], [5, 1, 3, 2, 5, 4]  # 2 prompts of different widths, 3 responses each
+    seq = torch.randint(3, 259, (2 * k, P + N), generator=g)
+    attn = torch.zeros_like(seq)
+    for b in range(2 * k):
+        seq[b, :P] = seq[b // k * k, :P]  # the k rows of a prompt share it
+        attn[b, P - plens[b // k]:P + rlens[b]] = 1
+    mask = attn[:, P:]
+    lp, v, _ = train_ppo.forward(model, value_head, seq, attn, P, mask, 0.7)
+    lp_s, v_s, _ = train_ppo.forward(model, value_head, seq, attn, P, mask, 0.7, k=k)
+    torch.testing.assert_close(lp_s, lp, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v_s, v, atol=1e-5, rtol=1e-4)
+    assert (lp_s[mask == 0] == 0).all() and (lp_s[mask == 1] < 0).all()
+
+
 def test_reward_model_score_is_read_at_the_last_real_token(tiny):
     rm, _ = hub.load("tiny")
     rm.add_score_head()
@@ -123,6 +153,19 @@ def test_rloo_raises_score(tmp_path):
     before, after = assert_improves(log)
     print(f"rloo: score {before:.2f} -> {after:.2f}")
     assert "vf_loss" not in log[-1] and not os.path.exists(tmp_path / "rloo" / "value_head.safetensors")
+
+
+def test_shared_prompt_run_follows_the_unshared_run(tmp_path):
+    """One minibatch of all 16 responses per epoch: the shuffles differ (whole prompts vs single responses) only in
+    the order of the rows inside it, so the two runs take the same steps up to float summation order."""
+    flags = ["--estimator", "rloo", "--rollout-batch", "4", "--samples-per-prompt", "4", "--ppo-epochs", "2",
+             "--max-steps", "3"]
+    shared, _ = ppo(tmp_path, "shared", *flags)
+    rows, _ = ppo(tmp_path, "rows", *flags, "--share-prompt", "false")
+    assert shared[-1]["kl"] > 0.1 and shared[-1]["ratio"] != 1  # the policy moved
+    for a, b in zip(shared, rows):
+        for key in a.keys() - set(TIMING):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (key, a, b)
 
 
 def test_grpo_raises_score(tmp_path):
@@ -177,6 +220,7 @@ def test_bad_flags_are_user_errors(tmp_path):
            (["--temperature", "0"], "--temperature"), (["--kl-estimator", "k9"], "--kl-estimator"),
            (["--reward", str(tmp_path / "nope")], "--reward"), (["--clip", "-1"], "--clip"),
            (["--estimator", "grpo", "--whiten-rewards"], "--whiten-rewards"),
+           (["--estimator", "rloo", "--minibatch-size", "6"], "multiple of --samples-per-prompt 4"),
            (["--prompts", write_prompts(tmp_path / "plain.jsonl", constraints=False)], "constraints")]
     for flags, needle in bad:
         with pytest.raises(UserError, match=needle):
