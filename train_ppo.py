@@ -136,17 +136,24 @@ def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False, 
 
 
 @torch.no_grad()
-def rm_score(rm, seq, attn, cut=None, eos_id: int = 0):
+def rm_score(rm, seq, attn, cut=None, eos_id: int = 0, P: int = 0, mask=None, k: int = 1):
     """Reward-model score (B,) read at the last real token of prompt+response (pitfall 6). cut: (B,) bool, the rows
     cut off before EOS. An RM only ever saw finished answers, and its score at a mid-answer token is off its data (the
     demo's RM scored its held-out demonstrations +3.5 higher with the final EOS dropped): such a row is scored as the
-    text it is, closed with EOS, which is also what the gold judge scores."""
-    if cut is not None:
+    text it is, closed with EOS, which is also what the gold judge scores. k > 1 (with P and the response mask):
+    groups of k responses to one prompt, run as prompt-shared rows."""
+    if cut is not None:  # a cut row ran to the cap, so its EOS goes right after its last token, in a new column
         seq = torch.cat([seq, torch.full_like(seq[:, :1], eos_id)], 1)
         attn = torch.cat([attn, cut.to(attn.dtype)[:, None]], 1)  # the appended EOS is real on cut rows only
-    hidden = rm(seq, attn, return_hidden=True)  # (B, T, C)
-    last = last_token_index(attn)
-    return rm.score(hidden[torch.arange(len(seq), device=seq.device), last]).squeeze(-1).float()
+        mask = None if mask is None else torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
+    if k > 1 and len(seq):
+        s = share_prompts(seq, attn, mask, P, k)
+        hidden = rm(s["input_ids"], s["attention_mask"], s["position_ids"], branch_ids=s["branch_ids"],
+                    return_hidden=True)
+        h = hidden.flatten(0, 1)[s["last"]]  # (B, C)
+    else:
+        h = rm(seq, attn, return_hidden=True)[torch.arange(len(seq), device=seq.device), last_token_index(attn)]
+    return rm.score(h).squeeze(-1).float()
 
 
 def read_task_prompts(path: str, need_gold: bool) -> tuple[list[dict], bool]:
@@ -262,7 +269,7 @@ def main(cfg: Config) -> dict:
         gold = None
         if has_gold:
             gold = torch.tensor([gold_score(t, row) for t, (_, row) in zip(texts, batch)], device=device)  # (B,)
-        score = rm_score(rm, seq, attn, ~eos, tok.eos_id) if rm is not None else gold
+        score = rm_score(rm, seq, attn, ~eos, tok.eos_id, P, mask, share) if rm is not None else gold
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
 

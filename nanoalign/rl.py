@@ -171,14 +171,14 @@ def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
     response j, -1 padding) let a token see the prompt and its own response only, so every hidden state is the one
     the unshared row gives. "prev" (B, N) is the index, into the result's rows flattened to (B/k · T,), of the hidden
     state that predicts response token t of row b: the prompt's last token for t = 0, else the token before (0 where
-    mask is 0)."""
+    mask is 0); "last" (B,) is the same kind of index of each response's last token (where a reward is read)."""
     B, N = mask.shape
     plens, rlens = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist()
     G = B // k
     T = max(plens[g * k] + sum(rlens[g * k:(g + 1) * k]) for g in range(G))
     ids, att, pos = (torch.zeros(G, T, dtype=torch.long) for _ in range(3))
     branch = torch.full((G, T), -1, dtype=torch.long)
-    prev = torch.zeros(B, N, dtype=torch.long)
+    prev, last = torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     cpu = seq.cpu()
     for g in range(G):
         p = plens[g * k]
@@ -189,6 +189,7 @@ def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
             ids[g, at:at + n], att[g, at:at + n], branch[g, at:at + n] = cpu[b, P:P + n], 1, j + 1
             pos[g, at:at + n] = torch.arange(p, p + n)
             prev[b, :n] = g * T + torch.cat([torch.tensor([p - 1]), torch.arange(at, at + n - 1)])[:n]
+            last[b] = g * T + at + n - 1
             at += n
-    out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch, "prev": prev}
-    return {key: v.to(seq.device) for key, v in out.items()}
+    out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch}
+    return {key: v.to(seq.device) for key, v in {**out, "prev": prev, "last": last}.items()}

@@ -83,6 +83,7 @@ def test_share_prompts_layout_hand_worked():
     assert s["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # response 2 restarts after the prompt
     assert s["branch_ids"].tolist() == [[0, 0, 1, 1, 2]]
     assert s["prev"].tolist() == [[1, 2], [1, 0]]  # both first tokens are predicted from the prompt's last token
+    assert s["last"].tolist() == [3, 4]
 
 
 def test_shared_prompt_rows_give_the_unshared_logprobs_and_values(tiny):
@@ -124,6 +125,18 @@ def test_a_response_cut_off_before_eos_is_scored_closed_with_eos(tiny):
     closed = train_ppo.rm_score(rm, torch.tensor([[5, 6, 7, 8, 2]]), torch.ones(1, 5, dtype=torch.long))
     torch.testing.assert_close(got, torch.cat([closed, train_ppo.rm_score(rm, seq[1:], ones[1:])]))
     assert not torch.allclose(got[0], train_ppo.rm_score(rm, seq[:1], ones[:1])[0])  # not read mid-answer
+
+
+def test_shared_prompt_rows_give_the_unshared_rm_scores(tiny):
+    rm, _ = hub.load("tiny")
+    rm.add_score_head()
+    P = 3  # two prompts (one left-padded) x 2 responses; rows 0 and 3 hit the cap of 3 tokens, rows 1 and 2 ended
+    seq = torch.tensor([[5, 6, 7, 9, 10, 11], [5, 6, 7, 8, 2, 0], [0, 4, 5, 2, 0, 0], [0, 4, 5, 12, 13, 14]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    mask, cut = attn[:, P:], torch.tensor([True, False, False, True])
+    plain = train_ppo.rm_score(rm, seq, attn, cut, 2)
+    torch.testing.assert_close(train_ppo.rm_score(rm, seq, attn, cut, 2, P, mask, k=2), plain, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, train_ppo.rm_score(rm, seq, attn, None, 2))  # the appended EOS is read
 
 
 def test_ppo_gae_raises_gold_score_and_adapts_beta(tmp_path):
