@@ -26,8 +26,8 @@ that tie on score up into full-size advantages.
 
 With k > 1 samples per prompt, every forward of step 3 and 6 runs a prompt ONCE for its k responses: one row
 [prompt | response 1 | ... | response k] (rl.share_prompts; DPO does the same for a pair). The minibatches then
-shuffle whole prompts, not single responses. On the demo's RLOO run (4 prompts × 4 samples) the update took 5.3-7.1 s
-per iteration instead of 10.0-12.5 s; --share-prompt false restores one row per response.
+shuffle whole prompts, not single responses. On the demo's RLOO run (4 prompts × 4 samples) that halves the update
+and the scoring (docs/performance.md); --share-prompt false restores one row per response.
 
 Simplifications: the value head shares the policy's trunk (an nn.Linear on its final hidden states, as TRL's
 AutoModelForCausalLMWithValueHead; lm-human-preferences trains a separate value network); a constant learning rate;
