@@ -24,7 +24,7 @@ al. 2024 (§3) and TRL do; GRPO normalises the scores alone and adds β·KL (k3,
 2024 (eq. 3) do: dividing a KL-folded reward by the group's std would blow tiny KL differences between responses
 that tie on score up into full-size advantages.
 
-With k > 1 samples per prompt, every forward of step 3 and 6 runs a prompt ONCE for its k responses: one row
+With k > 1 samples per prompt, every forward of steps 2, 3 and 6 runs a prompt ONCE for its k responses: one row
 [prompt | response 1 | ... | response k] (rl.share_prompts; DPO does the same for a pair). The minibatches then
 shuffle whole prompts, not single responses. On the demo's RLOO run (4 prompts × 4 samples) that halves the update
 and the scoring (docs/performance.md); --share-prompt false restores one row per response.
