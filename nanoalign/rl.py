@@ -188,7 +188,8 @@ def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
             b, n = g * k + j, rlens[g * k + j]
             ids[g, at:at + n], att[g, at:at + n], branch[g, at:at + n] = cpu[b, P:P + n], 1, j + 1
             pos[g, at:at + n] = torch.arange(p, p + n)
-            prev[b, :n] = g * T + torch.cat([torch.tensor([p - 1]), torch.arange(at, at + n - 1)])[:n]
+            prev[b, :n] = g * T + torch.arange(at - 1, at + n - 1)  # the token before ...
+            prev[b, 0] = g * T + p - 1  # ... except for the first: the prompt's last token
             last[b] = g * T + at + n - 1
             at += n
     out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch}
