@@ -264,8 +264,8 @@ def main(cfg: Config) -> dict:
         ref_samples = sample(ref, ref_tok, [r["prompt"] for r in rows], cfg.samples, cfg.temperature,
                              cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.bf16)
         ref_scores = judge([r for r in rows for _ in range(cfg.samples)], [s[2] for s in ref_samples])
-    results = {}
-    for name, path in named:
+    results, t0 = {}, time.time()
+    for i, (name, path) in enumerate(named):
         model, tok = load(path, cfg.device)
         model.eval()
         if ref is not None and ref_tok.vocab_size != tok.vocab_size:
@@ -281,7 +281,8 @@ def main(cfg: Config) -> dict:
                     f.writelines(json.dumps(b) + "\n" for b in best)
                 os.replace(cfg.write_best + ".tmp", cfg.write_best)
         print(f"{name}: gold {results[name]['gold_mean']:.3f} ± {results[name]['gold_stderr']:.3f} "
-              f"({results[name]['eval_s']}s)", flush=True)
+              f"({results[name]['eval_s']}s) | {i + 1}/{len(named)} models | "
+              f"eta {(time.time() - t0) / (i + 1) * (len(named) - i - 1):.0f}s", flush=True)
     if cfg.prefs and (cfg.rm or cfg.judge != "gold"):
         results["rm"] = rm_accuracy(cfg.rm or cfg.judge, cfg.prefs, cfg.device)
         print(f"reward model {cfg.rm or cfg.judge}: held-out pair accuracy {results['rm']['rm_accuracy']:.3f} "

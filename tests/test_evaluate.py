@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -142,6 +143,8 @@ def test_cli_compare_writes_one_entry_per_model(suite, tmp_path):
         assert EXPECTED_KEYS <= set(v) and v["n"] == 4
     assert res["same"]["kl"] == 0.0 and res["other"]["kl"] != 0.0
     assert "| same |" in r.stdout and "| other |" in r.stdout
+    assert re.search(r"^same: gold .* \| 1/2 models \| eta \d+s$", r.stdout, re.M)  # progress with an ETA
+    assert re.search(r"^other: gold .* \| 2/2 models \| eta 0s$", r.stdout, re.M)
 
 
 # stub responses: under the gold judge, scores 1, 1/2 and 0 for the tiny task rows below
