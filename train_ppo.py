@@ -8,6 +8,7 @@ Each iteration is one pass of the numbered loop in main(), as in lm-human-prefer
   4. rewards     r_t = −β·KL_t per token, plus the score on the last response token; β fixed or adaptive
   5. advantages  GAE on a learned value V(s_t), or RLOO / GRPO over the k samples of each prompt
   6. update      --ppo-epochs over shuffled minibatches: clipped surrogate (+ vf_coef × clipped value loss)
+                 (+ ptx_coef × the NLL of a batch of demonstrations: InstructGPT's PPO-ptx, with --ptx-data)
   7. log         score, gold score, KL, β, approx_kl, clipfrac, value loss, explained variance, length, EOS rate
 Where the prompts carry task metadata, the gold score is logged even when a reward model is the reward, so the
 log holds the over-optimisation curve: proxy score up, gold score down (Gao et al. 2022).
@@ -28,6 +29,11 @@ With k > 1 samples per prompt, every forward of steps 2, 3 and 6 runs a prompt O
 [prompt | response 1 | ... | response k] (rl.share_prompts; DPO does the same for a pair). The minibatches then
 shuffle whole prompts, not single responses. On the demo's RLOO run (4 prompts × 4 samples) that halves the update
 and the scoring (docs/performance.md); --share-prompt false restores one row per response.
+
+PPO-ptx (Ouyang et al. 2022, eq. 2, the γ term): InstructGPT mixed pretraining gradients into every update so the
+policy keeps what it already did well. --ptx-data takes an SFT JSONL instead (the demonstrations, as DeepSpeed-Chat's
+unsupervised mix and OpenRLHF's --pretrain_data allow): each minibatch adds --ptx-coef × the token-mean NLL of
+--ptx-batch demonstration rows, drawn in a seeded order that is a pure function of the update's index.
 
 Simplifications: the value head shares the policy's trunk (an nn.Linear on its final hidden states, as TRL's
 AutoModelForCausalLMWithValueHead; lm-human-preferences trains a separate value network); a constant learning rate;
@@ -54,14 +60,14 @@ from safetensors.torch import save_file
 from nanoalign import loop
 from nanoalign.checkpoint import atomic_write
 from nanoalign.cli import Logger, check
-from nanoalign.data import read_prompts
+from nanoalign.data import collate_sft, read_prompts, read_sft, tokenize_sft
 from nanoalign.generate import generate, sampling_copy
 from nanoalign.hub import load
 from nanoalign.judge import check_rows
 from nanoalign.judge import score as gold_score
-from nanoalign.logprobs import logprobs_chunked
+from nanoalign.logprobs import logprobs_chunked, token_logprobs
 from nanoalign.lora import disable_adapter
-from nanoalign.losses import whiten
+from nanoalign.losses import sft_loss, whiten
 from nanoalign.model import last_token_index
 from nanoalign.rl import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages, kl_penalty,
                           per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages, share_prompts,
@@ -97,6 +103,9 @@ class Config:
     max_new_tokens: int = 64  # response length cap
     temperature: float = 0.7  # sampling temperature; every log-prob is taken at it too (logits / T)
     missing_eos_penalty: float = -1.0  # added to the score of a response cut off before EOS
+    ptx_data: str = ""  # PPO-ptx: SFT JSONL whose NLL joins every minibatch loss (InstructGPT's γ term)
+    ptx_coef: float = 0.0  # γ, the weight of that NLL (a token mean over the ptx batch); needs --ptx-data
+    ptx_batch: int = 4  # demonstration rows per minibatch, over all ranks
     max_steps: int = 100  # iterations (rollout + update)
     lr: float = 1e-5  # constant learning rate (LoRA usually wants ~1e-4)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
@@ -176,10 +185,10 @@ def tokenize_prompts(tok, rows: list[dict], max_len: int, path: str) -> list[tup
 def main(cfg: Config) -> dict:
     # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
     for name in ("max_steps", "rollout_batch", "minibatch_size", "max_new_tokens", "temperature", "lr", "kl_horizon",
-                 "ppo_epochs", "max_len", "log_every"):
+                 "ppo_epochs", "max_len", "log_every", "ptx_batch"):
         check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     for name in ("kl_coef", "target_kl", "clip", "value_clip", "vf_coef", "entropy_coef", "grad_clip", "save_every",
-                 "samples_per_prompt"):
+                 "samples_per_prompt", "ptx_coef"):
         check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     check(cfg.estimator in ("gae", "rloo", "grpo"), f"--estimator must be gae, rloo or grpo, got {cfg.estimator!r}")
     check(cfg.kl_estimator in ("k1", "k3"), f"--kl-estimator must be k1 or k3, got {cfg.kl_estimator!r}")
@@ -189,14 +198,17 @@ def main(cfg: Config) -> dict:
     check(cfg.estimator == "gae" or not (cfg.whiten_rewards or cfg.value_from_rm),
           "--whiten-rewards and --value-from-rm apply to --estimator gae only")
     check(not cfg.value_from_rm or cfg.reward != "gold", "--value-from-rm needs --reward RM_DIR")
+    check(bool(cfg.ptx_data) == (cfg.ptx_coef > 0), "--ptx-data and --ptx-coef > 0 go together")
     share = k if cfg.share_prompt and k > 1 else 1  # responses per forward row
     check(cfg.minibatch_size % share == 0, f"--minibatch-size {cfg.minibatch_size} must be a multiple of "
           f"--samples-per-prompt {k} with --share-prompt (or pass --share-prompt false)")
     device, rank, world = loop.setup(cfg.seed, cfg.device)
     check(cfg.rollout_batch % world == 0, f"--rollout-batch {cfg.rollout_batch} must divide by {world} ranks")
     check(cfg.minibatch_size % world == 0, f"--minibatch-size {cfg.minibatch_size} must divide by {world} ranks")
+    check(not cfg.ptx_data or cfg.ptx_batch % world == 0, f"--ptx-batch {cfg.ptx_batch} must divide by {world} ranks")
     check(cfg.reward == "gold" or os.path.isdir(cfg.reward), f"--reward: {cfg.reward}: not 'gold' or a directory")
     rows, has_gold = read_task_prompts(cfg.prompts, cfg.reward == "gold")
+    ptx_rows = read_sft(cfg.ptx_data) if cfg.ptx_data else []
     # every rank checks --out now; rank 0 records the run below, once every input (models too) has passed
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
@@ -208,6 +220,7 @@ def main(cfg: Config) -> dict:
           f"--max-len + --max-new-tokens exceed the model's {model.cfg.max_position_embeddings} positions")
     ref_model = None if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False)  # else: adapter disabled
     items = tokenize_prompts(tok, rows, cfg.max_len, cfg.prompts)
+    ptx = tokenize_sft(tok, ptx_rows, cfg.max_len + cfg.max_new_tokens, path=cfg.ptx_data) if ptx_rows else []
     rm = None
     if cfg.reward != "gold":
         rm, rm_tok = load(cfg.reward, device)
@@ -310,6 +323,7 @@ def main(cfg: Config) -> dict:
         #    Each term is a sum over this rank's tokens / the minibatch's tokens on ALL ranks: the shares add up to
         #    the global token mean, and so do the all-reduced gradients (pitfall 7, as in train_sft.py)
         n, MB = cfg.rollout_batch * k, cfg.minibatch_size  # responses and minibatch size over all ranks
+        n_mb = -(-n // MB)  # minibatches per epoch (they number the ptx batches)
         mstats = []  # per minibatch: this rank's shares of the logged terms (summed over ranks in 7.)
         for epoch in range(cfg.ppo_epochs):
             gs = torch.Generator().manual_seed(hash((cfg.seed, step, epoch)) % 2**62)
@@ -330,6 +344,17 @@ def main(cfg: Config) -> dict:
                 if cfg.estimator == "grpo":  # + β·D_KL, the k3 estimator: unbiased and ≥ 0 (Shao et al. 2024, eq. 4)
                     kl_loss = token_mean(kl_penalty(logprobs, ref_logprobs[i], "k3"), mask[i], n_tok)
                     loss, m["kl_loss"] = loss + beta * kl_loss, float(kl_loss.detach())
+                if ptx:  # PPO-ptx: + γ·NLL of this update's demonstration rows, a token mean over all ranks' rows
+                    u = (step * cfg.ppo_epochs + epoch) * n_mb + s // MB  # this update's index in the run
+                    rows_u = loop.shard(loop.batch_indices(u, cfg.ptx_batch, len(ptx), cfg.seed + 1), rank, world)
+                    b = collate_sft([ptx[j] for j in rows_u], tok.pad_id)
+                    b = {key: v.to(device) for key, v in b.items()}
+                    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
+                        lp = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
+                                            compiled=cfg.compile)  # (rows, T-1), fp32
+                    n_ptx = loop.all_reduce_sum(b["loss_mask"][:, 1:].sum().float())  # target tokens, all ranks
+                    ptx_loss = sft_loss(lp, b["loss_mask"][:, 1:], n_ptx)
+                    loss, m["ptx_loss"] = loss + cfg.ptx_coef * ptx_loss, float(ptx_loss.detach())
                 if cfg.entropy_coef > 0:  # H = −Σ p log p over the vocabulary: the full (tokens, V) logits
                     logp_all = torch.log_softmax(model.lm_head(h[mask[i].bool()]).float() / cfg.temperature, -1)
                     entropy = -(logp_all.exp() * logp_all).sum() / n_tok  # this rank's share of the token mean

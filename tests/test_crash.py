@@ -62,7 +62,8 @@ def flags(name, data, out, *extra):
         "rm": pairs,
         "dpo": pairs,
         "ppo": ["--prompts", str(data / "prompts.jsonl"), "--rollout-batch", "4", "--minibatch-size", "4",
-                "--max-new-tokens", "8", "--ppo-epochs", "2", "--target-kl", "1", "--kl-horizon", "100"],
+                "--max-new-tokens", "8", "--ppo-epochs", "2", "--target-kl", "1", "--kl-horizon", "100",
+                "--ptx-data", str(data / "sft.jsonl"), "--ptx-coef", "0.5", "--ptx-batch", "2"],  # PPO-ptx
     }[name] + list(extra)
 
 

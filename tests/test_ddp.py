@@ -72,8 +72,9 @@ def test_ppo_two_processes_match_one_process(tmp_path, estimator):
     common = ["--init", "tiny", "--prompts", prompts, "--device", "cpu", "--reward", "gold", "--max-steps", "3",
               "--rollout-batch", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "8",
               "--temperature", "0.7", "--lr", "1e-2", "--log-every", "1", "--estimator", estimator]
-    if estimator == "gae":
-        common += ["--whiten-rewards", "--entropy-coef", "0.01"]
+    if estimator == "gae":  # + PPO-ptx: 2 demonstration rows per update, one per rank, of different lengths
+        common += ["--whiten-rewards", "--entropy-coef", "0.01", "--ptx-coef", "0.5", "--ptx-batch", "2",
+                   "--ptx-data", write_sft(tmp_path / "sft.jsonl")]
     else:  # GRPO: the k samples of a prompt stay on one rank; + the k3 KL term in the loss
         common += ["--samples-per-prompt", "2"]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -12,6 +12,9 @@ sys.path.insert(0, ROOT)
 import train_ppo  # noqa: E402
 
 from nanoalign import hub, loop  # noqa: E402
+from nanoalign.data import collate_sft, read_sft, tokenize_sft  # noqa: E402
+from nanoalign.logprobs import token_logprobs  # noqa: E402
+from nanoalign.losses import sft_loss  # noqa: E402
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanoalign.cli import UserError, parse_cli  # noqa: E402
 from nanoalign.rl import AdaptiveKLController, share_prompts  # noqa: E402
@@ -181,6 +184,29 @@ def test_shared_prompt_run_follows_the_unshared_run(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (key, a, b)
 
 
+def test_ptx_adds_the_demonstrations_nll_and_lowers_it(tmp_path):
+    """PPO-ptx: each update adds γ × the token-mean NLL of --ptx-batch demonstration rows. With one update per
+    iteration, the first logged ptx_loss is that NLL under the initial weights (computed here independently), and
+    with γ large the policy learns the demonstrations."""
+    demo = tmp_path / "sft.jsonl"
+    with open(demo, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"prompt": f"Note {i}.", "completion": "calm blue sea " * (1 + i % 3)}) + "\n")
+    flags = ["--estimator", "rloo", "--rollout-batch", "4", "--samples-per-prompt", "4", "--ppo-epochs", "1",
+             "--max-steps", "6", "--ptx-data", str(demo), "--ptx-batch", "3"]
+    log, _ = ppo(tmp_path, "ptx", *flags, "--ptx-coef", "2")
+    model, tok = hub.load("tiny")  # the run's initial weights (a full fine-tune of the seeded preset)
+    rows = tokenize_sft(tok, read_sft(str(demo)), 512)
+    b = collate_sft([rows[j] for j in loop.batch_indices(0, 3, len(rows), 1)], tok.pad_id)  # update 0, seed + 1
+    with torch.no_grad():
+        lp = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    assert log[0]["ptx_loss"] == pytest.approx(float(sft_loss(lp, b["loss_mask"][:, 1:])), rel=1e-5)
+    nll = [r["ptx_loss"] for r in log]
+    assert nll[-1] < 0.5 * nll[0], nll  # the demonstrations are learned
+    plain, _ = ppo(tmp_path, "plain", *flags[:-4])
+    assert "ptx_loss" not in plain[0] and plain[0]["loss"] == pytest.approx(log[0]["loss"] - 2 * nll[0], abs=1e-5)
+
+
 def test_grpo_raises_score(tmp_path):
     log, _ = ppo(tmp_path, "grpo", "--estimator", "grpo", "--rollout-batch", "4", "--samples-per-prompt", "8",
                  "--max-steps", "14")
@@ -234,6 +260,7 @@ def test_bad_flags_are_user_errors(tmp_path):
            (["--reward", str(tmp_path / "nope")], "--reward"), (["--clip", "-1"], "--clip"),
            (["--estimator", "grpo", "--whiten-rewards"], "--whiten-rewards"),
            (["--estimator", "rloo", "--minibatch-size", "6"], "multiple of --samples-per-prompt 4"),
+           (["--ptx-coef", "1"], "--ptx-data and --ptx-coef"), (["--ptx-batch", "0"], "--ptx-batch"),
            (["--prompts", write_prompts(tmp_path / "plain.jsonl", constraints=False)], "constraints")]
     for flags, needle in bad:
         with pytest.raises(UserError, match=needle):
