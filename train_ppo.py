@@ -37,7 +37,8 @@ unsupervised mix and OpenRLHF's --pretrain_data allow): each minibatch adds --pt
 
 Simplifications: the value head shares the policy's trunk (an nn.Linear on its final hidden states, as TRL's
 AutoModelForCausalLMWithValueHead; lm-human-preferences trains a separate value network); a constant learning rate;
-no reward-model normalisation. Sampling and shuffling draw from generators seeded by (seed, iteration), so --resume
+--normalize-reward fixes the RM's gain and bias from the first rollout alone (lm-human-preferences uses a larger
+sample of the initial policy). Sampling and shuffling draw from generators seeded by (seed, iteration), so --resume
 needs no sampler state.
 
 Data parallel (torchrun) takes the same steps as one process with the same global batch: the sampling uniforms and
@@ -103,6 +104,8 @@ class Config:
     max_new_tokens: int = 64  # response length cap
     temperature: float = 0.7  # sampling temperature; every log-prob is taken at it too (logits / T)
     missing_eos_penalty: float = -1.0  # added to the score of a response cut off before EOS
+    normalize_reward: bool = False  # RM scores -> mean 0, std 1 on the first rollout's samples (of the initial
+    #                                 policy), a gain and bias fixed for the run (lm-human-preferences)
     ptx_data: str = ""  # PPO-ptx: SFT JSONL whose NLL joins every minibatch loss (InstructGPT's γ term)
     ptx_coef: float = 0.0  # γ, the weight of that NLL (a token mean over the ptx batch); needs --ptx-data
     ptx_batch: int = 4  # demonstration rows per minibatch, over all ranks
@@ -245,6 +248,7 @@ def main(cfg: Config) -> dict:
     # prompts and samples follow the step
     st = loop.start_or_resume(cfg, model, opt, rank)
     start, skipped = st["step"], st["extra"].get("skipped", 0)
+    reward_norm = st["extra"].get("reward_norm")  # (mean, std) of the initial policy's RM scores, once measured
     if cfg.resume:
         kl_ctl.load_state_dict(st["extra"]["kl_ctl"])
         if value_head is not None:
@@ -283,6 +287,13 @@ def main(cfg: Config) -> dict:
         if has_gold:
             gold = torch.tensor([gold_score(t, row) for t, (_, row) in zip(texts, batch)], device=device)  # (B,)
         score = rm_score(rm, seq, attn, ~eos, tok.eos_id, P, mask, share) if rm is not None else gold
+        if rm is not None and cfg.normalize_reward:  # a gain and bias that give the initial policy's samples
+            if reward_norm is None:                  # mean 0 and std 1 (Ziegler et al. 2019 §2.2), over all ranks
+                m = loop.all_reduce_sum(torch.stack([score.sum(), score.square().sum(),
+                                                     torch.tensor(float(B), device=device)]).double())
+                mean = m[0] / m[2]
+                reward_norm = (float(mean), float((m[1] / m[2] - mean ** 2).clamp_min(1e-12).sqrt()))
+            score = (score - reward_norm[0]) / reward_norm[1]
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
 
@@ -390,12 +401,12 @@ def main(cfg: Config) -> dict:
         if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.max_steps:
             logger.log(step + 1, **stats)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            extra = {"kl_ctl": kl_ctl.state_dict(), "skipped": skipped,
+            extra = {"kl_ctl": kl_ctl.state_dict(), "skipped": skipped, "reward_norm": reward_norm,
                      "value_head": value_head.state_dict() if value_head is not None else {}}
             loop.save_state(cfg.out, model, opt, step + 1, extra, rank)
 
     # the merged policy (+ adapter/ with LoRA), the value head beside it, metrics.json
-    result = {**(stats or {}), "first_score": first and first["score"], "steps": cfg.max_steps, "prompts": len(items)}
+    result = {**(stats or {}), "first_score": first and first["score"], "reward_norm": reward_norm, "steps": cfg.max_steps, "prompts": len(items)}
     if rank == 0 and value_head is not None:
         vh = {n: p.detach().cpu().contiguous() for n, p in value_head.state_dict().items()}
         atomic_write(os.path.join(cfg.out, "value_head.safetensors"), lambda tmp: save_file(vh, tmp))

@@ -241,6 +241,25 @@ def test_reward_model_run_logs_proxy_and_gold(tmp_path):
     assert log[0]["score"] != log[0]["gold"]
 
 
+def test_normalize_reward_fixes_a_gain_and_bias_on_the_first_rollout(tmp_path):
+    """--normalize-reward: the first rollout (the initial policy's samples, the same as without the flag) sets a mean
+    and std that make its RM scores mean 0; both are kept for the run and across --resume."""
+    rm, tok = hub.load("tiny", seed=1)
+    rm.add_score_head()
+    torch.nn.init.normal_(rm.score.weight, std=1.0)  # scores of O(1) that vary between responses
+    save_checkpoint(str(tmp_path / "rm"), rm, tok)
+    flags = ["--reward", str(tmp_path / "rm"), "--rollout-batch", "8", "--lora-rank", "4", "--save-every", "1"]
+    plain, _ = ppo(tmp_path, "plain", *flags, "--max-steps", "1")
+    norm, metrics = ppo(tmp_path, "norm", *flags, "--max-steps", "3", "--normalize-reward")
+    mean, std = metrics["reward_norm"]
+    assert mean == pytest.approx(plain[0]["score"], abs=1e-5) and std > 0.1  # the same samples, their moments
+    assert norm[0]["score"] == pytest.approx(0, abs=1e-5) and norm[0]["gold"] == plain[0]["gold"]
+    ppo(tmp_path, "half", *flags, "--max-steps", "2", "--normalize-reward")
+    resumed, m2 = ppo(tmp_path, "half", *flags, "--max-steps", "3", "--normalize-reward", "--resume")
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}
+    assert m2["reward_norm"] == metrics["reward_norm"] and strip(resumed[-1]) == strip(norm[-1])
+
+
 def test_nonfinite_loss_stops_or_skips(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOALIGN_INJECT_NAN_STEP", "2")
     flags = ["--rollout-batch", "8", "--max-steps", "3", "--save-every", "1"]
