@@ -32,7 +32,10 @@ test: $(STAMP)
 # in 4 iterations the value head never learns (explained variance ~0), so GAE would compare responses to different
 # prompts. Same PPO-clip update and cost (4 prompts x 4 samples = 16 responses per iteration). It is PPO-ptx, as
 # InstructGPT ran it: every update adds the NLL of 4 SFT demonstrations (--ptx-coef 1), which keeps the policy from
-# drifting where the RM is wrong (on a validation split: 64-66% of non-tied wins vs SFT, 57-61% without it).
+# drifting where the RM is wrong. --normalize-reward puts the RM's scores at mean 0, std 1 on the first rollout
+# (Ziegler et al. 2019): the raw scores have a std of ~5, which drowned the KL penalty and the ptx term. On a
+# validation split from the training topics (200 prompts, seeds 0/1/2): 67-71% of non-tied wins vs SFT with the scores
+# scaled to unit std, 56-61% unscaled, 63-67% with the RM's score zeroed; 6 iterations with normalisation: 65%/75%.
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
@@ -41,6 +44,7 @@ SFT_STEPS := 200
 RM_STEPS  := 150
 DPO_STEPS := 120
 PPO_STEPS := 12
+GOLD_STEPS := 12
 N_EVAL    := 100
 HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
 else
@@ -48,7 +52,8 @@ DEMO      := out/demo
 SFT_STEPS := 20
 RM_STEPS  := 40
 DPO_STEPS := 40
-PPO_STEPS := 4
+PPO_STEPS := 6
+GOLD_STEPS := 4
 N_EVAL    := 64
 endif
 DATA    := $(DEMO)/data
@@ -65,12 +70,12 @@ demo: $(STAMP)
 		$(HELDOUT)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --estimator rloo --rollout-batch 4 --samples-per-prompt 4 \
-		--minibatch-size 8 --ppo-epochs 2 --max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS) \
+		--minibatch-size 8 --ppo-epochs 2 --max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS) --normalize-reward \
 		--ptx-data $(DATA)/sft.jsonl --ptx-coef 1 --ptx-batch 4
 ifeq ($(GOLD),1)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward gold \
 		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
-		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(PPO_STEPS) --log-every 1
+		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(GOLD_STEPS) --log-every 1
 endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
