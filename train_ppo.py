@@ -201,6 +201,7 @@ def main(cfg: Config) -> dict:
     check(cfg.estimator == "gae" or not (cfg.whiten_rewards or cfg.value_from_rm),
           "--whiten-rewards and --value-from-rm apply to --estimator gae only")
     check(not cfg.value_from_rm or cfg.reward != "gold", "--value-from-rm needs --reward RM_DIR")
+    check(not cfg.normalize_reward or cfg.reward != "gold", "--normalize-reward needs --reward RM_DIR")
     check(bool(cfg.ptx_data) == (cfg.ptx_coef > 0), "--ptx-data and --ptx-coef > 0 go together")
     share = k if cfg.share_prompt and k > 1 else 1  # responses per forward row
     check(cfg.minibatch_size % share == 0, f"--minibatch-size {cfg.minibatch_size} must be a multiple of "
@@ -291,8 +292,8 @@ def main(cfg: Config) -> dict:
             if reward_norm is None:                  # mean 0 and std 1 (Ziegler et al. 2019 §2.2), over all ranks
                 m = loop.all_reduce_sum(torch.stack([score.sum(), score.square().sum(),
                                                      torch.tensor(float(B), device=device)]).double())
-                mean = m[0] / m[2]
-                reward_norm = (float(mean), float((m[1] / m[2] - mean ** 2).clamp_min(1e-12).sqrt()))
+                mean, var = float(m[0] / m[2]), float(m[1] / m[2] - (m[0] / m[2]) ** 2)
+                reward_norm = (mean, math.sqrt(var) if var > 1e-12 else 1.0)  # equal scores: shift only
             score = (score - reward_norm[0]) / reward_norm[1]
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
@@ -406,7 +407,8 @@ def main(cfg: Config) -> dict:
             loop.save_state(cfg.out, model, opt, step + 1, extra, rank)
 
     # the merged policy (+ adapter/ with LoRA), the value head beside it, metrics.json
-    result = {**(stats or {}), "first_score": first and first["score"], "reward_norm": reward_norm, "steps": cfg.max_steps, "prompts": len(items)}
+    result = {**(stats or {}), "first_score": first and first["score"], "reward_norm": reward_norm,
+              "steps": cfg.max_steps, "prompts": len(items)}
     if rank == 0 and value_head is not None:
         vh = {n: p.detach().cpu().contiguous() for n, p in value_head.state_dict().items()}
         atomic_write(os.path.join(cfg.out, "value_head.safetensors"), lambda tmp: save_file(vh, tmp))

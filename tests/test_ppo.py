@@ -280,6 +280,7 @@ def test_bad_flags_are_user_errors(tmp_path):
            (["--estimator", "grpo", "--whiten-rewards"], "--whiten-rewards"),
            (["--estimator", "rloo", "--minibatch-size", "6"], "multiple of --samples-per-prompt 4"),
            (["--ptx-coef", "1"], "--ptx-data and --ptx-coef"), (["--ptx-batch", "0"], "--ptx-batch"),
+           (["--normalize-reward"], "--normalize-reward"),
            (["--prompts", write_prompts(tmp_path / "plain.jsonl", constraints=False)], "constraints")]
     for flags, needle in bad:
         with pytest.raises(UserError, match=needle):
