@@ -132,9 +132,14 @@ def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):
     elif init == ALIAS:
         out = os.path.join(cache_dir(), ALIAS)
         if not os.path.exists(os.path.join(out, "config.json")):
+            # in a child process: one that has held the GGUF's arrays computes a little differently afterwards (the
+            # allocator's state: the demo's SFT loss at step 4 was 2.803 there, 2.799 in every later run), so the
+            # run that converts would not match the runs after it
             t0 = time.time()
-            model, tok = load_gguf(find_smollm2_gguf())
-            save_checkpoint(out, model, tok)
+            r = subprocess.run([sys.executable, "-m", "nanoalign.hub", out], capture_output=True, text=True)
+            if r.returncode != 0:
+                lines = (r.stderr or "").strip().splitlines() or ["conversion failed"]
+                raise UserError(lines[-1].removeprefix("error: "))
             print(f"converted {ALIAS} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
         model, tok = load_checkpoint(out)
     elif init.endswith(".gguf"):
@@ -148,3 +153,11 @@ def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):
     else:
         raise UserError(f"{init}: unknown model (not a preset {sorted(PRESETS)}, not '{ALIAS}', and no such path)")
     return model.to(device=device, dtype=dtype), tok
+
+
+if __name__ == "__main__":  # python -m nanoalign.hub OUT: convert the alias's GGUF into OUT (hub.load runs this)
+    try:
+        save_checkpoint(sys.argv[1], *load_gguf(find_smollm2_gguf()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
