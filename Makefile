@@ -24,7 +24,8 @@ test: $(STAMP)
 # The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
 # prompts. Sized for ~10 minutes on 2 CPU cores; `make demo GOLD=1` adds a second PPO run against the gold judge
 # (RL with verifiable rewards, ~2 more minutes). `make demo LONG=1` is a longer run into out/long: 10x the SFT
-# steps, ~3-4x the RM and DPO steps (with held-out accuracy logged), 3x the PPO iterations, all 100 eval prompts.
+# steps, ~3-4x the RM and DPO steps (with held-out accuracy logged), 3x the PPO iterations. Both evaluate all 100
+# held-out prompts.
 # LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
 # runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
 # own). DPO and PPO never use it.
@@ -35,7 +36,8 @@ test: $(STAMP)
 # drifting where the RM is wrong. --normalize-reward puts the RM's scores at mean 0, std 1 on the first rollout
 # (Ziegler et al. 2019): the raw scores have a std of ~5, which drowned the KL penalty and the ptx term. On a
 # validation split from the training topics (200 prompts, seeds 0/1/2): 67-71% of non-tied wins vs SFT with the scores
-# scaled to unit std, 56-61% unscaled, 63-67% with the RM's score zeroed; 6 iterations with normalisation: 65%/75%.
+# scaled to unit std, 56-61% unscaled, 63-67% with the RM's score zeroed; with normalisation, 6 iterations: 65%/75%/82%,
+# 10 iterations: 88%/90%/82% (KL 0.24-0.29).
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
@@ -43,7 +45,7 @@ DEMO      := out/long
 SFT_STEPS := 200
 RM_STEPS  := 150
 DPO_STEPS := 120
-PPO_STEPS := 12
+PPO_STEPS := 30
 GOLD_STEPS := 12
 N_EVAL    := 100
 HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
@@ -52,9 +54,9 @@ DEMO      := out/demo
 SFT_STEPS := 20
 RM_STEPS  := 40
 DPO_STEPS := 40
-PPO_STEPS := 6
+PPO_STEPS := 10
 GOLD_STEPS := 4
-N_EVAL    := 64
+N_EVAL    := 100
 endif
 DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16
