@@ -49,9 +49,10 @@ import torch
 from nanoalign import loop
 from nanoalign.cli import Logger, check
 from nanoalign.data import read_jsonl, read_prefs, read_unpaired
-from nanoalign.prefs import (collate_pairs, collate_shared, collate_unpaired, pairs_to_unpaired, tokenize_prefs,
+from nanoalign.packing import branch_logprobs, collate_shared
+from nanoalign.prefs import (collate_pairs, collate_unpaired, pairs_to_unpaired, tokenize_prefs,
                              tokenize_unpaired)
-from nanoalign.logprobs import branch_logprobs, token_logprobs
+from nanoalign.logprobs import token_logprobs
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import kto_loss, orpo_loss, preference_loss
 from nanoalign.model import compile_pointwise
@@ -106,10 +107,10 @@ def sequence_logps(model, batch, cfg, device):
     b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     ids, att, resp = b["input_ids"], b["attention_mask"], b["response_mask"]
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
-        if "branch_ids" not in b:
+        if "prev_index" not in b:
             lp = token_logprobs(model, ids, att, resp, compiled=cfg.compile)  # (N, T-1), 0 off the response
             return lp.sum(-1), resp[:, 1:].sum(-1).clamp(min=1).float()  # target t+1 is scored at position t
-        lp = branch_logprobs(model, ids, att, b["position_ids"], b["branch_ids"], b["prev_index"], resp,
+        lp = branch_logprobs(model, ids, att, b["position_ids"], b["prev_index"], resp,
                              compiled=cfg.compile)  # (B, T), aligned with ids
     per = [(b["branch_ids"] == k).float() for k in (1, 2)]  # chosen, rejected
     return (torch.cat([(lp * m).sum(-1) for m in per]),

@@ -70,8 +70,9 @@ from nanoalign.logprobs import logprobs_chunked, token_logprobs
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import sft_loss, whiten
 from nanoalign.model import last_token_index
+from nanoalign.packing import local_rows, share_prompts
 from nanoalign.rl import (AdaptiveKLController, FixedKLController, explained_variance, gae, grpo_advantages, kl_penalty,
-                          per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages, share_prompts,
+                          per_token_rewards, ppo_policy_loss, ppo_value_loss, rloo_advantages,
                           token_mean)
 
 
@@ -134,7 +135,7 @@ def forward(model, value_head, seq, attn, P, mask, temperature, compiled=False, 
     with torch.autocast(seq.device.type, torch.bfloat16, enabled=bf16):  # log-probs and values stay fp32
         if k > 1 and len(seq):  # (an empty share, on a rank holding none of the minibatch, takes the plain path)
             s = share_prompts(seq, attn, mask, P, k)
-            hidden = model(s["input_ids"], s["attention_mask"], s["position_ids"], branch_ids=s["branch_ids"],
+            hidden = model(s["input_ids"], s["attention_mask"], s["position_ids"],
                            return_hidden=True).float()  # (B/k, T, C)
             h = hidden.flatten(0, 1)[s["prev"]]  # (B, N, C): the state that predicts each response token
         else:
@@ -160,7 +161,7 @@ def rm_score(rm, seq, attn, cut=None, eos_id: int = 0, P: int = 0, mask=None, k:
         mask = None if mask is None else torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
     if k > 1 and len(seq):
         s = share_prompts(seq, attn, mask, P, k)
-        hidden = rm(s["input_ids"], s["attention_mask"], s["position_ids"], branch_ids=s["branch_ids"],
+        hidden = rm(s["input_ids"], s["attention_mask"], s["position_ids"],
                     return_hidden=True)
         h = hidden.flatten(0, 1)[s["last"]]  # (B, C)
     else:
@@ -342,7 +343,7 @@ def main(cfg: Config) -> dict:
             perm = torch.randperm(n // share, generator=gs)  # of the prompts when they are shared, else the responses
             perm = (perm[:, None] * share + torch.arange(share)).flatten()
             for s in range(0, n, MB):
-                i = loop.local_rows(perm[s:s + MB], k, rank, world).to(device)  # this rank's rows of the minibatch
+                i = local_rows(perm[s:s + MB], k, rank, world).to(device)  # this rank's rows of the minibatch
                 n_tok = loop.all_reduce_sum(mask[i].sum().float())  # the minibatch's response tokens, all ranks
                 logprobs, values, h = forward(model, value_head, seq[i], attn[i], P, mask[i], cfg.temperature,
                                               cfg.compile, cfg.bf16, share)

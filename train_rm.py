@@ -35,7 +35,8 @@ import torch
 from nanoalign import loop
 from nanoalign.cli import Logger, check
 from nanoalign.data import read_prefs
-from nanoalign.prefs import collate_pairs, collate_shared, tokenize_prefs
+from nanoalign.packing import collate_shared
+from nanoalign.prefs import collate_pairs, tokenize_prefs
 from nanoalign.hub import load
 from nanoalign.lora import apply_lora
 from nanoalign.losses import bradley_terry_loss
@@ -81,7 +82,7 @@ def rewards_of(model, batch, device, bf16=False):
     b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
     ids, att = b["input_ids"], b["attention_mask"]
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-        hidden = model(ids, att, position_ids=b.get("position_ids"), branch_ids=b.get("branch_ids"),
+        hidden = model(ids, att, position_ids=b.get("position_ids"),
                        return_hidden=True).float()  # (N, T, C); the head and the loss stay fp32
     if "last_index" in b:  # each response's last token: (B, 2) -> chosen column, then rejected column
         last = b["last_index"].T.reshape(-1)  # (2B,)

@@ -31,10 +31,11 @@ import torch
 
 from nanoalign import loop
 from nanoalign.cli import Logger, check
-from nanoalign.data import collate_packed, collate_sft, pack_sft, read_sft, tokenize_sft
+from nanoalign.data import collate_sft, read_sft, tokenize_sft
 from nanoalign.logprobs import token_logprobs
 from nanoalign.losses import sft_loss
 from nanoalign.model import compile_pointwise
+from nanoalign.packing import collate_packed, pack_sft
 
 
 @dataclass
@@ -75,7 +76,7 @@ def batch_loss(model, batch, num_tokens, cfg, device):
     b = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
         logprobs = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                  position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"),
+                                  position_ids=b.get("position_ids"),
                                   compiled=cfg.compile)  # (B, T-1), fp32 even under autocast
     return sft_loss(logprobs, b["loss_mask"][:, 1:], num_tokens)  # target t+1 is predicted at position t
 

@@ -73,7 +73,8 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     from nanoalign.lora import apply_lora, disable_adapter, lora_layers
     from nanoalign.losses import bradley_terry_loss, preference_loss, sft_loss
     from nanoalign.model import compile_pointwise
-    from nanoalign.prefs import collate_pairs, collate_shared
+    from nanoalign.packing import collate_shared
+    from nanoalign.prefs import collate_pairs
     import train_dpo
     import train_rm
 

@@ -127,7 +127,10 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if not cfg.tie_word_embeddings and model.score is not None:
         sd.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(sd))
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected) - {"lm_head.weight"})
+    if unexpected:  # e.g. attention biases this model has no slot for: dropping them would give wrong logits
+        raise UserError(f"{w_file}: unexpected weight {unexpected[0]} ({len(unexpected)} in all) for a "
+                        f"{cfg_dict.get('model_type', 'llama')} model of this config")
     if missing:
         raise UserError(f"{w_file}: missing weight {missing[0]} ({len(missing)} missing in all)")
     for k, v in expected.items():

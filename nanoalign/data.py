@@ -232,29 +232,3 @@ def collate_sft(examples: list[tuple], pad_id: int, multiple_of: int = 1) -> dic
             "loss_mask": _pad([list(m) for _, m in examples], T, 0)}  # (B, T) 1 = target token
 
 
-def pack_sft(examples: list[tuple], max_len: int) -> list[list[tuple]]:
-    """Group whole conversations into rows of at most max_len tokens (first fit, in order; none is split)."""
-    rows, room = [], []
-    for ex in examples:
-        n = len(ex[0])
-        for i in range(len(rows)):
-            if n <= room[i]:
-                rows[i].append(ex)
-                room[i] -= n
-                break
-        else:
-            rows.append([ex])
-            room.append(max_len - n)
-    return rows
-
-
-def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -> dict:
-    """Packed rows -> collate_sft's tensors plus doc_ids and position_ids (B, T): positions restart at 0 in each
-    document and the model attends only within a document (model.build_mask), so a packed conversation sees
-    exactly what it would see alone. Padding gets doc id -1 and position 0."""
-    flat = [([t for ids, _ in docs for t in ids], [m for _, mask in docs for m in mask]) for docs in rows]
-    batch = collate_sft(flat, pad_id, multiple_of)
-    T = batch["input_ids"].shape[1]
-    batch["doc_ids"] = _pad([[d for d, (ids, _) in enumerate(docs) for _ in ids] for docs in rows], T, -1)
-    batch["position_ids"] = _pad([[p for ids, _ in docs for p in range(len(ids))] for docs in rows], T, 0)
-    return batch

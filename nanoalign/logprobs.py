@@ -15,6 +15,7 @@ The per-chunk kernels can be torch.compile'd (`compiled=True`); shapes are marke
 one graph. Eager is the default because compiling costs seconds to warm up.
 """
 import torch
+from .model import last_token_index
 
 
 def logprobs_naive(hidden, weight, labels, temperature: float = 1.0):
@@ -136,26 +137,27 @@ def logprobs_chunked(hidden, weight, labels, temperature: float = 1.0, chunk: in
 
 
 def token_logprobs(model, input_ids, attention_mask=None, labels_mask=None, temperature: float = 1.0,
-                   position_ids=None, doc_ids=None, chunk: int = 128, compiled: bool = False):
+                   position_ids=None, chunk: int = 128, compiled: bool = False):
     """Log-probs of each next token: entry t of the (B, T-1) result is log p(input_ids[t+1] | input_ids[≤t]) / T.
 
-    input_ids, attention_mask (B, T): 1 = real token, 0 = padding (by position, never by id; pitfall 1).
+    input_ids, attention_mask (B, T): 1 = real token, 0 = padding (by position, never by id: SmolLM2 pads with EOS).
+        A packed batch passes its (B, 1, T, T) mask and position_ids instead (nanoalign.packing).
     labels_mask (B, T): 1 on the tokens whose log-prob you need (e.g. the response mask from render_chat), aligned
         with input_ids; the result is 0 where it is 0, and those positions skip the lm_head entirely.
-        Padding, a target whose context is all padding, and (with doc_ids) a target in a new document are masked too.
-    position_ids, doc_ids (B, T): passed to the model, for packed rows.
+        Padding and a target whose context is all padding are masked too.
     temperature: the sampling temperature; RL log-probs must be taken at it (TRL #3029).
     """
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    hidden = model(input_ids, attention_mask, position_ids=position_ids, doc_ids=doc_ids, return_hidden=True)
-    am = attention_mask.bool()
-    keep = am[:, 1:] & am[:, :-1]  # (B, T-1): target and its context are real tokens
-    if labels_mask is not None:
-        keep = keep & labels_mask[:, 1:].bool()
-    if doc_ids is not None:
-        keep = keep & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    hidden = model(input_ids, attention_mask, position_ids=position_ids, return_hidden=True)
+    if attention_mask.dim() == 2:
+        am = attention_mask.bool()
+        keep = am[:, 1:] & am[:, :-1]  # (B, T-1): target and its context are real tokens
+        if labels_mask is not None:
+            keep = keep & labels_mask[:, 1:].bool()
+    else:  # packed: the labels mask is 0 on padding and at each document's first token
+        keep = labels_mask[:, 1:].bool()
     # only the kept positions go through the lm_head: prompts and padding cost nothing
     sel = hidden[:, :-1][keep]  # (K, C)
     logp = logprobs_chunked(sel, model.lm_head.weight, input_ids[:, 1:][keep], temperature, chunk, compiled)
@@ -163,18 +165,15 @@ def token_logprobs(model, input_ids, attention_mask=None, labels_mask=None, temp
     return out.masked_scatter(keep, logp)  # (B, T-1) fp32, 0 at masked positions
 
 
-def branch_logprobs(model, input_ids, attention_mask, position_ids, branch_ids, prev_index, labels_mask,
-                    temperature: float = 1.0, chunk: int = 128, compiled: bool = False):
-    """token_logprobs for rows holding one prompt and several responses (prefs.collate_shared).
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, temperature: float = 1.0,
+                      compiled: bool = False):
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens: (B,) fp32 (DPO's sequence log-prob)."""
+    return token_logprobs(model, input_ids, attention_mask, response_mask, temperature, compiled=compiled).sum(-1)
 
-    Entry t of the (B, T) result is log p(input_ids[t] | the prompt and its own response so far) / T, read from the
-    hidden state at prev_index[t] (the prompt's last token for a response's first token); 0 where labels_mask or
-    attention_mask is 0. Unlike token_logprobs the result is aligned with input_ids, not shifted.
-    """
-    B, T = input_ids.shape
-    hidden = model(input_ids, attention_mask, position_ids=position_ids, branch_ids=branch_ids, return_hidden=True)
-    keep = labels_mask.bool() & attention_mask.bool()  # (B, T)
-    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
-    sel = hidden[rows[keep], prev_index[keep]]  # (K, C): the predicting hidden state of each kept token
-    logp = logprobs_chunked(sel, model.lm_head.weight, input_ids[keep], temperature, chunk, compiled)
-    return logp.new_zeros(B, T).masked_scatter(keep, logp)
+
+def last_token_rewards(rm, input_ids, attention_mask):
+    """A reward model's scalar score (B,) fp32, read at the last real token of each row (right or left padded).
+    Reading it anywhere else (e.g. at a pad token, which for SmolLM2 is also its EOS) scores the wrong text."""
+    hidden = rm(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
+    last = last_token_index(attention_mask)  # (B,)
+    return rm.score(hidden[torch.arange(len(last), device=hidden.device), last].float()).squeeze(-1).float()

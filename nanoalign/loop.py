@@ -79,14 +79,6 @@ def shard(indices: list, rank: int, world: int) -> list:
     return indices[rank::world]
 
 
-def local_rows(rows: torch.Tensor, group: int, rank: int, world: int) -> torch.Tensor:
-    """Of `rows` (indices into a global batch made of groups of `group` consecutive rows, e.g. the k samples of a
-    prompt, dealt out by shard()), the ones this rank holds, as indices into its own rows, in the order given.
-    Group g lives on rank g % world, as its group g // world. May be empty."""
-    g, j = rows // group, rows % group
-    return ((g // world) * group + j)[g % world == rank]
-
-
 def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
     """Indices of the global batch for `step`: a fresh seeded permutation per epoch, so the data position is a
     pure function of the step and resume needs no iterator state."""

@@ -202,22 +202,19 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def build_mask(attention_mask, T: int, S: int, doc_ids=None, cache_pos=None, branch_ids=None):
+def build_mask(attention_mask, T: int, S: int, cache_pos=None, allowed=None):
     """Boolean SDPA mask (B, 1, T, S): True where a query may attend to a key.
 
-    attention_mask: (B, S) 1 for real tokens, 0 for padding (key padding, by position, never by token id).
-    doc_ids: (B, T) document index for packed rows; attention never crosses a document boundary.
-    cache_pos: (T,) buffer positions of the queries when decoding with a KV cache.
-    branch_ids: (B, T) 0 = a shared prefix, k = branch k (prefs.collate_shared): tokens see the prefix and their branch.
+    attention_mask: (B, S) 1 for real tokens, 0 for padding (key padding by position, never by token id: SmolLM2's
+    pad token is its EOS). cache_pos: (T,) buffer positions of the queries when decoding with a KV cache.
+    allowed: an optional (B, T, S) bool that restricts attention further (e.g. packed rows, nanoalign.packing).
     """
     device = attention_mask.device
     q_pos = cache_pos if cache_pos is not None else torch.arange(T, device=device)
     causal = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
     mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    if branch_ids is not None:
-        mask = mask & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+    if allowed is not None:
+        mask = mask & allowed
     # a fully padded query row would give NaN in SDPA; let it see itself (its output is masked out anyway)
     eye = q_pos[:, None] == torch.arange(S, device=device)[None, :]
     return (mask | eye[None])[:, None]
@@ -259,12 +256,12 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, doc_ids=None, cache_pos=None,
-                return_hidden: bool = False, branch_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_pos=None, return_hidden: bool = False):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, C) with return_hidden.
 
-        attention_mask: (B, T), or (B, S) over the whole KV cache when decoding with cache_pos (T,).
-        position_ids default to attention_mask.cumsum(-1) - 1 (right for left padding; branch rows pass their own).
+        attention_mask: (B, T) 1 = real token, or (B, S) over the whole KV cache when decoding with cache_pos (T,);
+        or a ready (B, 1, T, T) boolean mask (packed rows; then position_ids are required).
+        position_ids default to attention_mask.cumsum(-1) - 1, which is right for left padding.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -277,7 +274,10 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = (c[:, None].to(x.dtype) for c in rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
-        mask = build_mask(attention_mask, T, attention_mask.shape[1], doc_ids, cache_pos, branch_ids)
+        if attention_mask.dim() == 4:
+            mask = attention_mask
+        else:
+            mask = build_mask(attention_mask, T, attention_mask.shape[1], cache_pos)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         x = self.model.norm(x)

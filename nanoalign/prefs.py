@@ -99,38 +99,6 @@ def collate_pairs(examples: list[dict], pad_id: int, max_len: int, multiple_of: 
     return collate_responses(seqs, pad_id, max_len, multiple_of)
 
 
-def collate_shared(examples: list[dict], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
-    """B pairs -> B rows [prompt | chosen | rejected]: the prompt is run ONCE for both responses (prefix sharing).
-
-    Each response continues from the end of the prompt (position_ids restart there), and branch_ids (0 prompt,
-    1 chosen, 2 rejected, -1 padding) let a token see the prompt and its own response only, so every hidden state
-    equals the one the two-row batch of collate_pairs gives. A response keeps the first max_len - len(prompt)
-    tokens, as there. prev_index[t] is the position whose hidden state predicts token t: t - 1, except the first
-    token of each response, which both are predicted from the prompt's last token. response_mask marks the tokens
-    whose log-prob a loss needs; the reward of each response is read at its last token (last_index, (B, 2))."""
-    rows = []
-    for e in examples:
-        p = e["prompt"]
-        c, cm, r, rm = (e[k][:max_len - len(p)] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask"))
-        rows.append((p, c, cm, r, rm))
-    T = -(-max(len(p) + len(c) + len(r) for p, c, _, r, _ in rows) // multiple_of) * multiple_of
-    ids, att, pos, branch, resp, prev = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(6))
-    branch.fill_(-1)
-    last = torch.zeros(len(rows), 2, dtype=torch.long)
-    for i, (p, c, cm, r, rm) in enumerate(rows):
-        P, n = len(p), len(p) + len(c) + len(r)
-        ids[i] = torch.tensor(p + c + r + [pad_id] * (T - n))
-        att[i, :n] = 1
-        pos[i, :n] = torch.cat([torch.arange(P + len(c)), torch.arange(P, P + len(r))])
-        branch[i, :n] = torch.tensor([0] * P + [1] * len(c) + [2] * len(r))
-        resp[i, :n] = torch.tensor([0] * P + list(cm) + list(rm))
-        prev[i] = (torch.arange(T) - 1).clamp(min=0)
-        prev[i, P + len(c)] = P - 1  # the rejected response starts right after the prompt, not after chosen
-        last[i] = torch.tensor([P + len(c) - 1, n - 1])
-    return {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch,
-            "response_mask": resp, "prev_index": prev, "last_index": last}
-
-
 def collate_unpaired(examples: list[dict], pad_id: int, max_len: int, mismatched: bool = False,
                      multiple_of: int = 1) -> dict:
     """B unpaired rows -> a (B, T) batch plus "labels" (B,) bool. With mismatched, also kl_input_ids,

@@ -161,36 +161,3 @@ def explained_variance(values, returns, mask, dist_sum=None):
     return 1 - masked_var(returns - values, mask, unbiased=False, dist_sum=dist_sum) / var_r
 
 
-def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
-    """Rollout rows -> prompt-shared rows, so that a prompt runs once for its k responses (prefs.collate_shared
-    does the same for a preference pair).
-
-    seq, attn (B, P+N): left-padded prompts, then responses; mask (B, N): 1 on each response's tokens, a prefix of
-    the row. The k responses of a prompt are k consecutive rows. Row g of the result is [prompt | response 1 | ... |
-    response k], unpadded; position ids restart after the prompt for each response, and branch_ids (0 prompt, j
-    response j, -1 padding) let a token see the prompt and its own response only, so every hidden state is the one
-    the unshared row gives. "prev" (B, N) is the index, into the result's rows flattened to (B/k · T,), of the hidden
-    state that predicts response token t of row b: the prompt's last token for t = 0, else the token before (0 where
-    mask is 0); "last" (B,) is the same kind of index of each response's last token (where a reward is read)."""
-    B, N = mask.shape
-    plens, rlens = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist()
-    G = B // k
-    T = max(plens[g * k] + sum(rlens[g * k:(g + 1) * k]) for g in range(G))
-    ids, att, pos = (torch.zeros(G, T, dtype=torch.long) for _ in range(3))
-    branch = torch.full((G, T), -1, dtype=torch.long)
-    prev, last = torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    cpu = seq.cpu()
-    for g in range(G):
-        p = plens[g * k]
-        ids[g, :p], att[g, :p], pos[g, :p], branch[g, :p] = cpu[g * k, P - p:P], 1, torch.arange(p), 0
-        at = p  # where the next response starts in row g
-        for j in range(k):
-            b, n = g * k + j, rlens[g * k + j]
-            ids[g, at:at + n], att[g, at:at + n], branch[g, at:at + n] = cpu[b, P:P + n], 1, j + 1
-            pos[g, at:at + n] = torch.arange(p, p + n)
-            prev[b, :n] = g * T + torch.arange(at - 1, at + n - 1)  # the token before ...
-            prev[b, 0] = g * T + p - 1  # ... except for the first: the prompt's last token
-            last[b] = g * T + at + n - 1
-            at += n
-    out = {"input_ids": ids, "attention_mask": att, "position_ids": pos, "branch_ids": branch}
-    return {key: v.to(seq.device) for key, v in {**out, "prev": prev, "last": last}.items()}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanoalign.cli import UserError
-from nanoalign.data import collate_packed, collate_sft, pack_sft, read_sft, tokenize_sft
+from nanoalign.data import collate_sft, read_sft, tokenize_sft
+from nanoalign.packing import collate_packed, pack_sft
 from nanoalign.logprobs import token_logprobs
 from nanoalign.tokenizer import byte_tokenizer
 
@@ -117,7 +118,10 @@ def test_pack_keeps_documents_whole_and_under_max_len():
     assert all(sum(len(d[0]) for d in r) <= 64 for r in rows)
     assert len(rows) == 4  # first fit: [30, 20, 10], [50], [60], [40]
     batch = collate_packed(rows[:1], pad_id=END)
-    assert batch["doc_ids"][0].tolist() == [0] * 30 + [1] * 20 + [2] * 10
+    seg = [0] * 30 + [1] * 20 + [2] * 10
+    allowed = torch.tensor([[s >= t and seg[s] == seg[t] for t in range(60)] for s in range(60)])
+    assert torch.equal(batch["attention_mask"][0, 0], allowed)  # causal, and within a document only
+    assert [i for i, m in enumerate(batch["loss_mask"][0].tolist()) if m == 0] == [0, 30, 50]  # no doc's first token
     assert batch["position_ids"][0].tolist() == list(range(30)) + list(range(20)) + list(range(10))
 
 
@@ -133,7 +137,7 @@ def test_packed_and_unpacked_give_the_same_per_document_loss(tiny):
     packed = collate_packed(pack_sft(docs, max_len=512), pad_id=END, multiple_of=64)
     assert packed["input_ids"].shape == (1, 128)  # one row, padded to a multiple of 64
     lp = token_logprobs(model, packed["input_ids"], packed["attention_mask"], packed["loss_mask"],
-                        position_ids=packed["position_ids"], doc_ids=packed["doc_ids"])[0]
+                        position_ids=packed["position_ids"])[0]
     start = 0
     for ids, mask in docs:
         one = collate_sft([(ids, mask)], pad_id=END)
@@ -154,12 +158,12 @@ def test_no_attention_across_document_boundaries(tiny):
     out = []
     for ds in (docs, changed):
         p = collate_packed([ds], pad_id=END)
-        h = model(p["input_ids"], p["attention_mask"], p["position_ids"], p["doc_ids"], return_hidden=True)[0]
-        h_plain = model(p["input_ids"], p["attention_mask"], return_hidden=True)[0]  # one long document
+        h = model(p["input_ids"], p["attention_mask"], p["position_ids"], return_hidden=True)[0]
+        h_plain = model(p["input_ids"], return_hidden=True)[0]  # one long document
         out.append((h, h_plain))
     n0 = len(docs[0][0])
     torch.testing.assert_close(out[0][0][n0:], out[1][0][n0:], atol=1e-6, rtol=0)  # later docs can't see doc 0
-    assert (out[0][1][n0:] - out[1][1][n0:]).abs().max() > 1e-3  # without doc_ids they would
+    assert (out[0][1][n0:] - out[1][1][n0:]).abs().max() > 1e-3  # without the packed mask they would
 
 
 BAD = [  # (file bytes, line in the message or None, what the message says)

@@ -16,6 +16,7 @@ from conftest import ONE_THREAD, ROOT, run_cli
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ppo  # noqa: E402
+from nanoalign.packing import local_rows  # noqa: E402
 import train_rm  # noqa: E402
 from nanoalign import hub, loop  # noqa: E402
 from nanoalign.checkpoint import load_train_state  # noqa: E402
@@ -104,9 +105,9 @@ def test_local_rows_pick_this_ranks_rows_of_a_global_minibatch():
     rows = [(p, j) for p in range(prompts) for j in range(k)]  # global row -> (prompt, sample)
     mine = [[(p, j) for p in loop.shard(list(range(prompts)), r, world) for j in range(k)] for r in range(world)]
     minibatch = torch.tensor([7, 0, 11, 4, 5])
-    picked = [[mine[r][i] for i in loop.local_rows(minibatch, k, r, world).tolist()] for r in range(world)]
+    picked = [[mine[r][i] for i in local_rows(minibatch, k, r, world).tolist()] for r in range(world)]
     assert picked == [[rows[7], rows[0]], [], [rows[11], rows[4], rows[5]]]
-    assert loop.local_rows(minibatch, k, 0, 1).tolist() == minibatch.tolist()  # one process: all of them
+    assert local_rows(minibatch, k, 0, 1).tolist() == minibatch.tolist()  # one process: all of them
 
 
 def test_killed_rank_ends_the_job_quickly_with_a_message(tmp_path):

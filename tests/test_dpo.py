@@ -17,7 +17,8 @@ sys.path.insert(0, ROOT)
 import train_dpo  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
-from nanoalign.prefs import collate_pairs, collate_shared, collate_unpaired, pairs_to_unpaired  # noqa: E402
+from nanoalign.packing import collate_shared  # noqa: E402
+from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired  # noqa: E402
 from nanoalign.prefs import tokenize_prefs  # noqa: E402
 from nanoalign.prefs import tokenize_unpaired  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
@@ -125,7 +126,11 @@ def test_collate_shared_puts_prompt_chosen_rejected_in_one_row_hand_worked():
           {"prompt": [13], "chosen": [22], "chosen_mask": [1], "rejected": [31, 32, 33], "rejected_mask": [0, 1, 1]}]
     b = collate_shared(ex, 2, 128, multiple_of=4)  # pad id 2, rows rounded up to 8
     assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 2, 2], [13, 22, 31, 32, 33, 2, 2, 2]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    # row 0: the chosen tokens (3, 4) see the prompt and each other; the rejected token (5) sees only the prompt
+    # and itself; padding sees only itself
+    assert b["attention_mask"][0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
     # both responses continue from the prompt's end: rejected restarts at position len(prompt)
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 0], [0, 1, 1, 2, 3, 0, 0, 0]]
     assert b["branch_ids"].tolist() == [[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 2, 2, 2, -1, -1, -1]]
@@ -136,7 +141,7 @@ def test_collate_shared_puts_prompt_chosen_rejected_in_one_row_hand_worked():
     assert b["last_index"].tolist() == [[4, 5], [1, 4]]
     # --max-len cuts each response to max_len - len(prompt), as collate_pairs does
     cut = collate_shared(ex, 2, 4)
-    assert cut["input_ids"][0, :5].tolist() == [10, 11, 12, 20, 30] and cut["attention_mask"][0].sum() == 5
+    assert cut["input_ids"][0, :5].tolist() == [10, 11, 12, 20, 30] and cut["response_mask"][0].sum() == 2
 
 
 # --- the loss and the log-probs ---------------------------------------------------------------------------------

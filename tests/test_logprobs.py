@@ -3,6 +3,7 @@ import torch._dynamo
 
 from nanoalign.logprobs import logprobs_chunked, logprobs_naive, token_logprobs
 from nanoalign.model import PRESETS, ModelConfig, Transformer
+from nanoalign.packing import segment_mask
 
 
 def _inputs(B=3, T=37, C=48, V=97, seed=0, w_grad=True):
@@ -160,9 +161,10 @@ def test_token_logprobs_packed_documents():
     ids, _ = _batch()
     a, b = ids[0, :5], ids[1, :7]
     packed = torch.cat([a, b])[None]
-    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    mask = segment_mask(torch.ones(1, 12, dtype=torch.long), torch.tensor([[1] * 5 + [2] * 7]))
+    labels = torch.tensor([[1] * 5 + [0] + [1] * 6])  # the first token of document 2 is no target
     pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    got = token_logprobs(model, packed, position_ids=pos, doc_ids=doc_ids)
+    got = token_logprobs(model, packed, mask, labels, position_ids=pos)
     sep_a = token_logprobs(model, a[None])
     sep_b = token_logprobs(model, b[None])
     assert torch.allclose(got[0, :4], sep_a[0], atol=1e-5) and torch.allclose(got[0, 5:], sep_b[0], atol=1e-5)

@@ -6,6 +6,7 @@ import torch
 from nanoalign import hub
 from nanoalign.checkpoint import save_checkpoint
 from nanoalign.model import ModelConfig, Transformer, last_token_index
+from nanoalign.packing import segment_mask
 
 
 def hf_from_dir(path):
@@ -105,10 +106,10 @@ def test_packed_documents_do_not_attend_across_boundaries(tiny):
     a = torch.randint(3, 259, (1, 5), generator=torch.Generator().manual_seed(6))
     b = torch.randint(3, 259, (1, 7), generator=torch.Generator().manual_seed(7))
     packed = torch.cat([a, b], dim=1)
-    doc = torch.tensor([[0] * 5 + [1] * 7])
+    mask = segment_mask(torch.ones(1, 12, dtype=torch.long), torch.tensor([[1] * 5 + [2] * 7]))
     pos = torch.tensor([list(range(5)) + list(range(7))])
     with torch.no_grad():
-        out = model(packed, position_ids=pos, doc_ids=doc)
+        out = model(packed, mask, position_ids=pos)
         assert torch.allclose(out[:, :5], model(a), atol=1e-5)
         assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
 

@@ -17,7 +17,8 @@ from nanoalign.logprobs import token_logprobs  # noqa: E402
 from nanoalign.losses import sft_loss  # noqa: E402
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanoalign.cli import UserError, parse_cli  # noqa: E402
-from nanoalign.rl import AdaptiveKLController, share_prompts  # noqa: E402
+from nanoalign.packing import share_prompts  # noqa: E402
+from nanoalign.rl import AdaptiveKLController  # noqa: E402
 
 TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
 
@@ -84,7 +85,9 @@ def test_share_prompts_layout_hand_worked():
     s = share_prompts(seq, attn, torch.tensor([[1, 1], [1, 0]]), 3, 2)
     assert s["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert s["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # response 2 restarts after the prompt
-    assert s["branch_ids"].tolist() == [[0, 0, 1, 1, 2]]
+    seg = [0, 0, 1, 1, 2]  # the prompt, then responses 1 and 2: each sees the prompt and itself
+    allowed = [[s >= t and (seg[t] == 0 or seg[s] == seg[t]) for t in range(5)] for s in range(5)]
+    assert s["attention_mask"][0, 0].tolist() == allowed
     assert s["prev"].tolist() == [[1, 2], [1, 0]]  # both first tokens are predicted from the prompt's last token
     assert s["last"].tolist() == [3, 4]
 

@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_rm  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
-from nanoalign.prefs import collate_pairs, collate_shared, tokenize_prefs  # noqa: E402
+from nanoalign.packing import collate_shared  # noqa: E402
+from nanoalign.prefs import collate_pairs, tokenize_prefs  # noqa: E402
 from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402  (the same separable yes/no toy set)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

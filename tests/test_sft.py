@@ -15,7 +15,8 @@ sys.path.insert(0, ROOT)
 import train_sft  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.cli import run  # noqa: E402
-from nanoalign.data import collate_sft, pack_sft, read_sft, tokenize_sft  # noqa: E402
+from nanoalign.data import collate_sft, read_sft, tokenize_sft  # noqa: E402
+from nanoalign.packing import pack_sft  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402
 
