@@ -215,8 +215,12 @@ def tokenize_sft(tok, rows: list[dict], max_len: int, train_on_prompt: bool = Fa
     return out
 
 
-def _pad(seqs: list[list[int]], T: int, value: int) -> torch.Tensor:
-    return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
+def pad(seqs: list[list[int]], value: int, T: int | None = None, left: bool = False) -> torch.Tensor:
+    """Lists of ints -> a (B, T) long tensor, padded with `value` on the right (training) or the left (generation:
+    every row's next token then lands in the same column). T defaults to the longest row."""
+    T = max(len(s) for s in seqs) if T is None else T
+    return torch.tensor([[value] * (T - len(s)) + list(s) if left else list(s) + [value] * (T - len(s))
+                         for s in seqs], dtype=torch.long)
 
 
 def collate_sft(examples: list[tuple], pad_id: int, multiple_of: int = 1) -> dict:
@@ -227,8 +231,8 @@ def collate_sft(examples: list[tuple], pad_id: int, multiple_of: int = 1) -> dic
     """
     T = max(len(ids) for ids, _ in examples)
     T = -(-T // multiple_of) * multiple_of
-    return {"input_ids": _pad([ids for ids, _ in examples], T, pad_id),  # (B, T)
-            "attention_mask": _pad([[1] * len(ids) for ids, _ in examples], T, 0),  # (B, T) 1 = real token
-            "loss_mask": _pad([list(m) for _, m in examples], T, 0)}  # (B, T) 1 = target token
+    return {"input_ids": pad([ids for ids, _ in examples], pad_id, T),  # (B, T)
+            "attention_mask": pad([[1] * len(ids) for ids, _ in examples], 0, T),  # (B, T) 1 = real token
+            "loss_mask": pad([list(m) for _, m in examples], 0, T)}  # (B, T) 1 = target token
 
 

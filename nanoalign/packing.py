@@ -11,7 +11,7 @@ nothing of this: it receives the (B, 1, T, T) mask from segment_mask() as its at
 """
 import torch
 
-from .data import collate_sft
+from .data import collate_sft, pad
 from .logprobs import logprobs_chunked
 from .model import build_mask
 
@@ -50,11 +50,8 @@ def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -
             for docs in rows]
     batch = collate_sft(flat, pad_id, multiple_of)
     T = batch["input_ids"].shape[1]
-
-    def pad(seqs, value):
-        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
-    segments = pad([[d + 1 for d, (ids, _) in enumerate(docs) for _ in ids] for docs in rows], -1)
-    batch["position_ids"] = pad([[p for ids, _ in docs for p in range(len(ids))] for docs in rows], 0)
+    segments = pad([[d + 1 for d, (ids, _) in enumerate(docs) for _ in ids] for docs in rows], -1, T)
+    batch["position_ids"] = pad([[p for ids, _ in docs for p in range(len(ids))] for docs in rows], 0, T)
     batch["attention_mask"] = segment_mask(batch["attention_mask"], segments)
     return batch
 

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .cli import UserError
-from .data import _pad
+from .data import pad
 
 def pairs_to_unpaired(rows: list[dict]) -> list[dict]:
     """Split preference pairs into KTO's unpaired rows: chosen -> label true, rejected -> label false."""
@@ -86,9 +86,9 @@ def collate_responses(seqs: list[tuple], pad_id: int, max_len: int, multiple_of:
     ids = [(p + r)[:max_len] for p, r, _ in seqs]
     masks = [([0] * len(p) + list(m))[:max_len] for p, _, m in seqs]
     T = -(-max(len(x) for x in ids) // multiple_of) * multiple_of
-    return {"input_ids": _pad(ids, T, pad_id),  # (N, T)
-            "attention_mask": _pad([[1] * len(x) for x in ids], T, 0),  # (N, T)
-            "response_mask": _pad(masks, T, 0)}  # (N, T)
+    return {"input_ids": pad(ids, pad_id, T),  # (N, T)
+            "attention_mask": pad([[1] * len(x) for x in ids], 0, T),  # (N, T)
+            "response_mask": pad(masks, 0, T)}  # (N, T)
 
 
 def collate_pairs(examples: list[dict], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
