@@ -21,23 +21,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on held-out
-# prompts. Sized for ~10 minutes on 2 CPU cores; `make demo GOLD=1` adds a second PPO run against the gold judge
-# (RL with verifiable rewards, ~2 more minutes). `make demo LONG=1` is a longer run into out/long: 10x the SFT
-# steps, ~3-4x the RM and DPO steps (with held-out accuracy logged), 3x the PPO iterations. Both evaluate all 100
-# held-out prompts.
-# LoRA dropout is off for SFT and RM here (PEFT's and torchtune's default; the scripts default to TRL's 0.05): these
-# runs are too short to overfit, and on a CPU the random masks cost ~30% of a step (lora.Dropout; 45% with torch's
-# own). DPO and PPO never use it.
-# The RM-reward PPO run takes RLOO's advantages (each response against the other 3 of its prompt) instead of GAE's:
-# in 4 iterations the value head never learns (explained variance ~0), so GAE would compare responses to different
-# prompts. Same PPO-clip update and cost (4 prompts x 4 samples = 16 responses per iteration). It is PPO-ptx, as
-# InstructGPT ran it: every update adds the NLL of 4 SFT demonstrations (--ptx-coef 1), which keeps the policy from
-# drifting where the RM is wrong. --normalize-reward puts the RM's scores at mean 0, std 1 on the first rollout
-# (Ziegler et al. 2019): the raw scores have a std of ~5, which drowned the KL penalty and the ptx term. On a
-# validation split from the training topics (200 prompts, seeds 0/1/2): 67-71% of non-tied wins vs SFT with the scores
-# scaled to unit std, 56-61% unscaled, 63-67% with the RM's score zeroed; with normalisation, 6 iterations: 65%/75%/82%,
-# 10 iterations: 88%/90%/82% (KL 0.24-0.29).
+# The main job: base -> SFT -> RM -> DPO -> PPO on SmolLM2-135M-Instruct, then one gold-judged table on the 100
+# held-out prompts; sized for ~10 minutes on 2 CPU cores. GOLD=1 adds a PPO run against the gold judge (RL with a
+# verifiable reward); LONG=1 is a longer run into out/long. The PPO run is PPO-ptx with RLOO advantages and the RM's
+# scores normalised on the first rollout: why each choice, with the validation runs behind it, is in docs/ppo_rm.md.
 LONG    ?= 0
 GOLD    ?= 0
 ifeq ($(LONG),1)
