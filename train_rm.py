@@ -2,17 +2,14 @@
 
 Ouyang et al. 2022 ("InstructGPT", §3.5, eq. 1), after Stiennon et al. 2020 and Bradley & Terry 1952:
 
-    r(x, y) = w · h_last(x, y)                       the score head, read at the LAST REAL token (pitfall 6)
+    r(x, y) = w · h_last(x, y)                       the score head, read at the response's LAST REAL token
     L = −log σ(r(x, y_c) − r(x, y_r) − m) + λ·(r(x, y_c) + r(x, y_r))²      averaged over the GLOBAL batch of pairs
 
-m is --margin (Llama 2 uses a per-pair margin from the annotators' rating gap; here one constant). The second term is
---center-rewards (Eisenstein et al. 2023; TRL's center_rewards_coefficient, λ ≈ 0.01): BT only sees differences, so
-without it the rewards drift by an arbitrary constant, which a PPO value head then has to chase.
-The head is an nn.Linear(d, 1) with std 1/√(d+1) (lm-human-preferences); each pair runs as ONE row
-[prompt | chosen | rejected] whose responses see the prompt and themselves only (prefs.collate_shared: the prompt
-runs once; --share-prompt false: a (2B, T) batch of chosen rows, then rejected rows). The model starts from the SFT
-checkpoint (RMs that start elsewhere stall near 50% accuracy) and is saved as an HF LlamaForSequenceClassification
-(score.weight, num_labels 1).
+m is --margin (Llama 2 uses a per-pair margin from the annotators' rating gap; here one constant); the second term is
+--center-rewards (Eisenstein et al. 2023, λ ≈ 0.01): BT only sees differences, so without it the rewards drift by an
+arbitrary constant, which a PPO value head then has to chase. The head is an nn.Linear(d, 1) with std 1/√(d+1)
+(lm-human-preferences), trained in full next to the LoRA adapters, on the SFT model (RMs that start elsewhere stall
+near 50% accuracy). The RM is saved as an HF LlamaForSequenceClassification (score.weight, num_labels 1).
 
 Run:
     python -m nanoalign.tasks make --out data --seed 0
@@ -20,28 +17,25 @@ Run:
     python train_rm.py ... --lora-rank 0 --lr 1e-5                      # full fine-tune instead of LoRA
     torchrun --nproc_per_node=2 train_rm.py ...                          # data parallel
 
-Simplifications: one scalar per sequence (no per-token or multi-objective rewards); a single constant margin; the
-data order and gradient all-reduce are as in train_sft.py (position = f(step), hand-rolled data parallel). In the
-saved config pad_token_id is <|endoftext|> rather than <|im_end|>: transformers reads the score at the last token
-that is not pad_token_id, and every response ends with <|im_end|>, which is where this RM reads it.
+Simplifications: one scalar per sequence; a single constant margin; data order and all-reduce as in train_sft.py.
+The saved pad_token_id is <|endoftext|>, not <|im_end|>: transformers reads the score at the last token that is not
+pad_token_id, and every response ends with <|im_end|>, which is where this RM reads it.
 """
 import math
-import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from nanoalign import loop
-from nanoalign.cli import Logger, check
+from nanoalign.cli import Logger, check_ranges
 from nanoalign.data import read_prefs
-from nanoalign.packing import collate_shared
-from nanoalign.prefs import collate_pairs, tokenize_prefs
-from nanoalign.hub import load
-from nanoalign.lora import apply_lora
+from nanoalign.fast import compile_pointwise
 from nanoalign.losses import bradley_terry_loss
-from nanoalign.model import compile_pointwise, last_token_index
-from nanoalign.nf4 import quantize_nf4_
+from nanoalign.packing import collate_shared, pair_rewards
+from nanoalign.prefs import collate_pairs, tokenize_prefs
+
 
 @dataclass
 class Config:
@@ -72,156 +66,119 @@ class Config:
     log_every: int = 10  # progress line + log.jsonl row every N steps
     save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
     eval_every: int = 0  # evaluate on --eval-data every N steps (0 = only at the end)
-    bf16: bool = False  # bf16 autocast for the trunk (~1.5x faster on AVX512-BF16 CPUs); head and loss stay fp32
+    bf16: bool = False  # bf16 autocast for the model (~1.5x faster on AVX512-BF16 CPUs); the loss stays fp32
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
 
 
 def rewards_of(model, batch, device, bf16=False):
-    """Scalar reward per row (N,), fp32: the score head on the final hidden state of the last real token.
-    A shared-prompt batch (B rows [prompt | chosen | rejected]) gives the same (2B,): chosen, then rejected."""
-    b = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    ids, att = b["input_ids"], b["attention_mask"]
+    """(r(x, y_c), r(x, y_r)), each (B,) fp32: the score head at each response's last token, either batch layout."""
+    batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-        hidden = model(ids, att, position_ids=b.get("position_ids"),
-                       return_hidden=True).float()  # (N, T, C); the head and the loss stay fp32
-    if "last_index" in b:  # each response's last token: (B, 2) -> chosen column, then rejected column
-        last = b["last_index"].T.reshape(-1)  # (2B,)
-        rows = torch.arange(len(ids), device=device).repeat(2)
-    else:
-        last = last_token_index(att)  # (N,) by position, never by id: pad == EOS (pitfall 1)
-        rows = torch.arange(len(last), device=device)
-    return model.score(hidden[rows, last]).squeeze(-1).float()  # (N,)
+        return pair_rewards(model, batch)
 
 
-def pair_stats(chosen, rejected) -> torch.Tensor:
-    """[pairs, correct, margin sum, reward sum, reward^2 sum]: summable over micro-batches and ranks."""
-    r = torch.cat([chosen, rejected])
-    return torch.stack([torch.tensor(float(len(chosen)), device=r.device), (chosen > rejected).sum().float(),
-                        (chosen - rejected).sum(), r.sum(), (r * r).sum()]).detach()
+def pair_stats(chosen_rewards, rejected_rewards) -> Counter:
+    """Sums over pairs, which add up over micro-batches and ranks: see summarize()."""
+    r, diff = torch.cat([chosen_rewards, rejected_rewards]).detach(), (chosen_rewards - rejected_rewards).detach()
+    return Counter(pairs=len(diff), correct=float((diff > 0).sum()), margin=float(diff.sum()), reward=float(r.sum()),
+                   reward_sq=float((r * r).sum()))
 
 
-def summarize(s: torch.Tensor, prefix: str = "") -> dict:
-    n = max(float(s[0]), 1.0)
-    mean = float(s[3]) / (2 * n)
-    std = max(float(s[4]) / (2 * n) - mean * mean, 0.0) ** 0.5
-    return {f"{prefix}accuracy": float(s[1]) / n, f"{prefix}margin": float(s[2]) / n,
-            f"{prefix}reward_mean": mean, f"{prefix}reward_std": std}
+def summarize(stats: Counter, device, prefix: str = "") -> dict:
+    """Pairwise accuracy (r_c > r_r), mean margin r_c − r_r, and the mean and std of all rewards, over all ranks."""
+    s = loop.all_reduce_dict({k: stats[k] for k in ("pairs", "correct", "margin", "reward", "reward_sq")}, device)
+    n = max(s["pairs"], 1.0)
+    mean, mean_sq = s["reward"] / (2 * n), s["reward_sq"] / (2 * n)  # two rewards per pair
+    return {f"{prefix}accuracy": s["correct"] / n, f"{prefix}margin": s["margin"] / n,
+            f"{prefix}reward_mean": mean, f"{prefix}reward_std": max(mean_sq - mean * mean, 0.0) ** 0.5}
 
 
 @torch.no_grad()
 def evaluate(model, examples, collate, cfg, device, rank, world) -> dict:
-    """Pairwise accuracy (r_c > r_r), mean margin, and the mean/std of all rewards on held-out pairs."""
+    """summarize() over held-out pairs (each rank takes a share; the sums are added over ranks)."""
     model.eval()
-    mine = loop.shard(list(range(len(examples))), rank, world)
-    stats = torch.zeros(5, device=device)
+    mine, stats = loop.shard(examples, rank, world), Counter()
     for k in range(0, len(mine), cfg.batch_size):
-        r = rewards_of(model, collate([examples[i] for i in mine[k:k + cfg.batch_size]]), device,
-                           cfg.bf16)  # (2B,)
-        stats += pair_stats(*r.chunk(2))
+        stats.update(pair_stats(*rewards_of(model, collate(mine[k:k + cfg.batch_size]), device, cfg.bf16)))
     model.train()
-    return summarize(loop.all_reduce_sum(stats), "eval_")
+    return summarize(stats, device, "eval_")
 
 
 def main(cfg: Config) -> dict:
     # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
-    for name in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"):
-        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "center_rewards", "lora_rank"):
-        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    check(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    check(not cfg.nf4 or cfg.lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a 4-bit base)")
+    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"),
+                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "center_rewards"))
     device, rank, world = loop.setup(cfg.seed, cfg.device)
 
-    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only when every
-    #    input has passed (step 4; rank -1: check only), so a bad run leaves nothing behind
+    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only in step 4
     rows = read_prefs(cfg.data)
-    eval_rows = read_prefs(cfg.eval_data) if cfg.eval_data else []
+    eval_rows = read_prefs(cfg.eval_data, "--eval-data") if cfg.eval_data else []
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
-    # 2. model: the SFT model + a fresh score head (an RM checkpoint keeps its own); NF4 base and LoRA optional.
-    #    The head is trained in full next to the adapters (PEFT's modules_to_save) and never quantized.
-    model, tok = load(cfg.init, device)
-    check(cfg.max_len <= model.cfg.max_position_embeddings,
-          f"--max-len {cfg.max_len} exceeds the model's {model.cfg.max_position_embeddings} positions")
-    if model.score is None:
-        model.add_score_head(seed=cfg.seed)  # std 1/sqrt(d+1)
-    if cfg.nf4:
-        quantize_nf4_(model, skip=("lm_head", "score"))
-    if cfg.lora_rank > 0:
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, trainable=("score",))
-    model.train()
-    if cfg.compile:  # fused RMSNorm/RoPE/SwiGLU (the matmuls and attention stay eager)
-        compile_pointwise()
-    params = loop.trainable(model)
+    # 2. model: the SFT model + a fresh score head (an RM checkpoint keeps its own); NF4 base and LoRA optional
+    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
+                                    max_len=cfg.max_len, score_head=True, seed=cfg.seed)
+    model = compile_pointwise(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
-    # 3. tokenize: prompt ids + response ids (ending with <|im_end|>); chosen and rejected collate into one batch
+    # 3. tokenize: prompt + response ids; a pair collates into ONE row (or chosen rows, then rejected rows)
     examples = tokenize_prefs(tok, rows, cfg.max_len, cfg.data, rank == 0)
     eval_examples = tokenize_prefs(tok, eval_rows, cfg.max_len, cfg.eval_data, rank == 0) if eval_rows else []
 
-    def collate(exs):
-        return (collate_shared if cfg.share_prompt else collate_pairs)(exs, tok.pad_id, cfg.max_len)
+    def collate(pairs):
+        return (collate_shared if cfg.share_prompt else collate_pairs)(pairs, tok.pad_id, cfg.max_len)
+    lengths = [len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples]  # for tokens/s
 
-    # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights
-    #    (adapters + head), optimizer, RNGs and the step
-    st = loop.start_or_resume(cfg, model, opt, rank)
-    start, skipped = st["step"], st["extra"].get("skipped", 0)
-
+    # 4. record the run in --out, or resume it: trainable weights (adapters + head), optimizer, RNGs, step
+    state = loop.start_or_resume(cfg, model, opt, rank)
+    start, skipped = state["step"], state["extra"].get("skipped", 0)
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    inject = int(os.environ.get("NANOALIGN_INJECT_NAN_STEP", 0))  # fault injection for the tests (1-based step)
-    stats, seen, t_log = torch.zeros(5, device=device), 0.0, time.time()
-    loss = first_loss = None
-    eval_metrics, train_metrics = {}, {}
+    stats, losses, eval_metrics, train_metrics = Counter(), [], {}, {}
+    tokens, t_log = 0.0, time.time()
     for step in range(start, cfg.max_steps):
-        # 5. this rank's share of the global batch of pairs, as micro-batches (one shared-prompt row per pair)
+        # 5. this rank's share of the global batch of pairs as micro-batches, and the pairs of the GLOBAL batch
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
-        micro = [collate([examples[i] for i in idx[k:k + cfg.batch_size]]) for k in range(0, len(idx), cfg.batch_size)]
-        n_pairs = loop.all_reduce_sum(torch.tensor(float(len(idx)), device=device))  # pairs in the GLOBAL batch
-        seen += sum(float(m["attention_mask"].sum()) for m in micro)
+        micro = [[examples[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, len(idx), cfg.batch_size)]
+        counts = loop.all_reduce_dict({"pairs": len(idx), "tokens": sum(lengths[i] for i in idx)}, device)
+        tokens += counts["tokens"]
 
-        # 6. forward + backward per micro-batch: summed pair losses / global pairs, so the gradients add up exactly
+        # 6. forward + backward per micro-batch: the summed pair losses / the global pair count add up exactly
         loss_sum = torch.zeros((), device=device)
-        for m in micro:
-            rewards = rewards_of(model, m, device, cfg.bf16)  # (2B,)
-            chosen, rejected = rewards.chunk(2)  # (B,), (B,)
-            # (B,): −log σ(r_c − r_r − m) + λ·(r_c + r_r)², summed / the global pair count
-            mloss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_rewards).sum() / n_pairs
-            if step + 1 == inject:
-                mloss = mloss * float("nan")
-            mloss.backward()
-            loss_sum += mloss.detach()
-            stats += pair_stats(chosen, rejected)
-        loss_t = loop.all_reduce_sum(loss_sum)
+        for pairs in micro:
+            chosen_rewards, rejected_rewards = rewards_of(model, collate(pairs), device, cfg.bf16)  # (B,), (B,)
+            # −log σ(r(x, y_c) − r(x, y_r) − m) + λ·(r(x, y_c) + r(x, y_r))², summed / the global pair count
+            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, cfg.margin, cfg.center_rewards)
+            loss = loss.sum() / counts["pairs"]
+            loss.backward()
+            loss_sum += loss.detach()
+            stats.update(pair_stats(chosen_rewards, rejected_rewards))
+        step_loss = loop.all_reduce_sum(loss_sum)
 
-        # 7. a non-finite loss stops the run (the last train_state.pt stays intact) or, with --skip-nonfinite, is
-        #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
+        # 7. the optimizer step at the scheduled lr (a non-finite loss stops the run, or is skipped: grad_norm nan)
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
-        grad_norm = loop.step_or_skip(opt, params, loss_t, lr, step + 1, cfg)  # nan: skipped
-        if math.isfinite(grad_norm):
-            loss = float(loss_t)
-            first_loss = loss if first_loss is None else first_loss
-        else:
+        grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
+        if math.isnan(grad_norm):
             skipped += 1
+        else:
+            losses.append(float(step_loss))
 
-        # 8. eval (every --eval-every steps and at the end), log (training accuracy, margin and rewards over the
-        #    steps since the last line), save
-        metrics = {}
-        last = step + 1 == cfg.max_steps
-        if eval_examples and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        # 8. eval (every --eval-every steps and at the end), log (training metrics since the last line), save
+        metrics, last = {}, step + 1 == cfg.max_steps
+        if eval_examples and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
             metrics = eval_metrics = evaluate(model, eval_examples, collate, cfg, device, rank, world)
         if (step + 1) % cfg.log_every == 0 or step == start or last or metrics:
-            now = time.time()
-            train_metrics = summarize(loop.all_reduce_sum(stats))
-            logger.log(step + 1, loss=float(loss_t), **train_metrics, lr=lr, grad_norm=grad_norm,
-                       tokens_per_s=seen * world / (now - t_log), skipped=skipped, **metrics)
-            stats, seen, t_log = torch.zeros(5, device=device), 0.0, now
+            train_metrics = summarize(stats, device)
+            logger.log(step + 1, loss=float(step_loss), **train_metrics, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens / (time.time() - t_log), skipped=skipped, **metrics)
+            stats, tokens, t_log = Counter(), 0.0, time.time()
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             loop.save_state(cfg.out, model, opt, step + 1, {"skipped": skipped}, rank)
 
     # 9. the merged checkpoint as an HF LlamaForSequenceClassification (+ adapter/ with LoRA) and metrics.json
-    result = {"loss": loss, "first_loss": first_loss, **train_metrics, **eval_metrics, "steps": cfg.max_steps,
-              "skipped_steps": skipped, "train_pairs": len(examples)}
+    result = {"loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None, **train_metrics,
+              **eval_metrics, "steps": cfg.max_steps, "skipped_steps": skipped, "train_pairs": len(examples)}
     endoftext = tok.tok.token_to_id("<|endoftext|>")
     if endoftext is not None:  # transformers reads the score at the last token != pad_token_id (see the docstring)
         model.cfg.pad_token_id = endoftext

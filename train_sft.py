@@ -6,35 +6,30 @@ The loss is the negative log-likelihood of the assistant's tokens given everythi
 
 mask_t is 1 on assistant content and its closing <|im_end|> (the model must learn to stop), 0 on the system/user
 turns and on padding. N counts targets over all micro-batches and ranks, so batch 8 × accum 1, batch 1 × accum 8 and
-2 ranks × batch 4 take the same step; a mean per micro-batch would not (transformers #34191, pitfall 7).
-Log-probs come from nanoalign.logprobs, chunked from hidden states in fp32: the (B, T, V) logits are never built.
+2 ranks × batch 4 take the same step; a mean per micro-batch would not (transformers #34191).
 
 Run:
     python -m nanoalign.tasks make --out data --seed 0
     python train_sft.py --data data/sft.jsonl --out out/sft                                # full fine-tune
-    python train_sft.py --data data/sft.jsonl --out out/sft --lora-rank 16 --lr 2e-4       # LoRA
-    python train_sft.py --data data/sft.jsonl --out out/sft --lora-rank 16 --lr 2e-4 --nf4 # QLoRA
+    python train_sft.py --data data/sft.jsonl --out out/sft --lora-rank 16 --lr 2e-4 [--nf4] # LoRA [QLoRA]
     torchrun --nproc_per_node=2 train_sft.py --data data/sft.jsonl --out out/sft           # data parallel
 
-Simplifications: one epoch is a seeded permutation and batches are drawn by step, so the data position is a pure
-function of the step (resume needs no iterator state); data parallelism is a hand-rolled all-reduce of the
-gradients after the micro-batches (no DDP wrapper, no gradient/communication overlap); packing is first-fit in
-data order and never splits a conversation.
+Simplifications: the data position is a pure function of the step (a seeded permutation per epoch: resume needs
+no iterator state); data parallelism is an all-reduce of the gradients after the micro-batches (no DDP wrapper, no
+overlap of communication and compute); --pack is first-fit in data order and never splits a conversation.
 """
-import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from nanoalign import loop
-from nanoalign.cli import Logger, check
+from nanoalign.cli import Logger, check_ranges
 from nanoalign.data import collate_sft, read_sft, tokenize_sft
+from nanoalign.fast import compile_pointwise
 from nanoalign.logprobs import token_logprobs
 from nanoalign.losses import sft_loss
-from nanoalign.model import compile_pointwise
 from nanoalign.packing import collate_packed, pack_sft
 
 
@@ -53,8 +48,8 @@ class Config:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     max_len: int = 512  # max tokens per row (per packed row with --pack)
-    truncate: str = "drop"  # rows over --max-len: drop them, or left (cut the oldest prompt tokens)
-    train_on_prompt: bool = False  # also train on system/user tokens (default: assistant turns only)
+    truncate: str = "drop"  # {drop, left}: rows over --max-len are dropped, or lose their oldest prompt tokens
+    train_on_prompt: bool = False  # also train on the system/user tokens, not only on the assistant turns
     pack: bool = False  # pack several conversations per row; attention and positions stay per conversation
     seed: int = 0  # seeds the data order, LoRA init and dropout
     lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks
@@ -72,120 +67,98 @@ class Config:
 
 
 def batch_loss(model, batch, num_tokens, cfg, device):
-    """Summed token NLL of one micro-batch / the global target count (so the micro-batch losses add up)."""
+    """−Σ mask_t · log π(y_t | y_<t) / N for one micro-batch: divided by the GLOBAL N, the micro-batches add up."""
     b = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
         logprobs = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                  position_ids=b.get("position_ids"),
-                                  compiled=cfg.compile)  # (B, T-1), fp32 even under autocast
+                                  position_ids=b.get("position_ids"), compiled=cfg.compile)  # (B, T-1), fp32
     return sft_loss(logprobs, b["loss_mask"][:, 1:], num_tokens)  # target t+1 is predicted at position t
 
 
-def evaluate(model, examples, collate, cfg, device, rank, world) -> float:
-    """Token-mean NLL over the held-out rows (each rank takes a share; sums are all-reduced)."""
+@torch.no_grad()
+def evaluate(model, examples, cfg, device, pad_id, rank, world) -> float:
+    """Token-mean NLL over held-out rows (each rank takes a share; the sums are added over ranks)."""
     model.eval()
-    mine = loop.shard(list(range(len(examples))), rank, world)
-    total = torch.zeros(2, device=device)  # [summed NLL, target tokens]
-    with torch.no_grad():
-        for k in range(0, len(mine), cfg.batch_size):
-            batch = collate([examples[i] for i in mine[k:k + cfg.batch_size]])
-            total[0] += batch_loss(model, batch, 1.0, cfg, device)
-            total[1] += batch["loss_mask"][:, 1:].sum()
+    mine = loop.shard(examples, rank, world)
+    batches = [collate_sft(mine[k:k + cfg.batch_size], pad_id) for k in range(0, len(mine), cfg.batch_size)]
+    total = loop.all_reduce_dict({"nll": sum(float(batch_loss(model, b, 1.0, cfg, device)) for b in batches),
+                                  "n": sum(float(b["loss_mask"][:, 1:].sum()) for b in batches)}, device)
     model.train()
-    total = loop.all_reduce_sum(total)
-    return float(total[0] / total[1])
+    return total["nll"] / total["n"]
 
 
 def main(cfg: Config) -> dict:
     # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
-    for name in ("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"):
-        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    for name in ("warmup", "save_every", "eval_every", "weight_decay", "grad_clip"):
-        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    check(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    check(cfg.truncate in ("drop", "left"), f"--truncate must be drop or left, got {cfg.truncate!r}")
+    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"),
+                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip"))
     device, rank, world = loop.setup(cfg.seed, cfg.device)
 
-    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only when every
-    #    input has passed (rank -1: check only), so a bad run leaves nothing behind
+    # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only in step 4
     rows = read_sft(cfg.data)
-    eval_rows = read_sft(cfg.eval_data) if cfg.eval_data else []
+    eval_rows = read_sft(cfg.eval_data, "--eval-data") if cfg.eval_data else []
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
-    # 2. model: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA), and its optimizer
-    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4)
-    check(cfg.max_len <= model.cfg.max_position_embeddings,
-          f"--max-len {cfg.max_len} exceeds the model's {model.cfg.max_position_embeddings} positions")
-    model.train()
-    if cfg.compile:  # fused RMSNorm/RoPE/SwiGLU (the matmuls and attention stay eager)
-        compile_pointwise()
-    params = loop.trainable(model)
+    # 2. model: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA); AdamW over the trainable weights
+    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
+                                    max_len=cfg.max_len)
+    model = compile_pointwise(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
-    # 3. tokenize with the chat template: (ids, loss_mask) per conversation; optionally pack them into rows
+    # 3. tokenize with the chat template: (ids, loss_mask) per conversation; --pack puts several in a row
     examples = tokenize_sft(tok, rows, cfg.max_len, cfg.train_on_prompt, cfg.truncate, cfg.data, rank == 0)
-    if cfg.pack:
-        examples = pack_sft(examples, cfg.max_len)
-    collate = functools.partial(collate_packed if cfg.pack else collate_sft, pad_id=tok.pad_id)
     eval_examples = tokenize_sft(tok, eval_rows, cfg.max_len, False, cfg.truncate, cfg.eval_data,
                                  rank == 0) if eval_rows else []
-    eval_collate = functools.partial(collate_sft, pad_id=tok.pad_id)
+    if cfg.pack:
+        examples = pack_sft(examples, cfg.max_len)
+    collate = collate_packed if cfg.pack else collate_sft
+    lengths = [sum(len(ids) for ids, _ in row) if cfg.pack else len(row[0]) for row in examples]  # for tokens/s
 
-    # 4. record the run in --out (rank 0, after every rank has checked it), or resume it: trainable weights,
-    #    optimizer, RNGs and the step; the data position follows from the step
-    st = loop.start_or_resume(cfg, model, opt, rank)
-    start, skipped = st["step"], st["extra"].get("skipped", 0)
-
+    # 4. record the run in --out, or resume it: trainable weights, optimizer, RNGs, step (the data position follows)
+    state = loop.start_or_resume(cfg, model, opt, rank)
+    start, skipped = state["step"], state["extra"].get("skipped", 0)
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    inject = int(os.environ.get("NANOALIGN_INJECT_NAN_STEP", 0))  # fault injection for the tests (1-based step)
     first_loss = loss = eval_loss = None
-    seen, t_log = 0.0, time.time()
+    tokens, t_log = 0.0, time.time()
     for step in range(start, cfg.max_steps):
-        # 5. this rank's share of the global batch, as micro-batches
+        # 5. this rank's share of the global batch as micro-batches, and N: the target tokens of the GLOBAL batch
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
-        micro = [collate([examples[i] for i in idx[k:k + cfg.batch_size]]) for k in range(0, len(idx), cfg.batch_size)]
+        micro = [collate([examples[i] for i in idx[k:k + cfg.batch_size]], tok.pad_id)
+                 for k in range(0, len(idx), cfg.batch_size)]
+        counts = loop.all_reduce_dict({"N": sum(float(m["loss_mask"][:, 1:].sum()) for m in micro),
+                                       "tokens": sum(lengths[i] for i in idx)}, device)
+        tokens += counts["tokens"]
 
-        # 6. the loss denominator: target tokens over ALL micro-batches and ranks (and the real tokens, for tok/s)
-        counts = loop.all_reduce_sum(torch.tensor([float(sum(m["loss_mask"][:, 1:].sum() for m in micro)),
-                                                   float(sum(m["attention_mask"].sum() for m in micro))], device=device))
-        seen += float(counts[1])
-
-        # 7. forward + backward per micro-batch; the gradients add up to the gradient of the global token mean
+        # 6. forward + backward per micro-batch: L = −(1/N) Σ mask_t · log π(y_t | y_<t), accumulated in the grads
         loss_sum = torch.zeros((), device=device)
         for m in micro:
-            mloss = batch_loss(model, m, counts[0], cfg, device)
-            if step + 1 == inject:
-                mloss = mloss * float("nan")
-            mloss.backward()
-            loss_sum += mloss.detach()
-        loss_t = loop.all_reduce_sum(loss_sum)
+            micro_loss = batch_loss(model, m, counts["N"], cfg, device)
+            micro_loss.backward()
+            loss_sum += micro_loss.detach()
+        step_loss = loop.all_reduce_sum(loss_sum)
 
-        # 8. a non-finite loss stops the run (the last train_state.pt stays intact), or with --skip-nonfinite is
-        #    skipped; otherwise sum the gradients over ranks, clip, and step at the scheduled lr
+        # 7. the optimizer step at the scheduled lr (a non-finite loss stops the run, or is skipped: grad_norm nan)
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
-        grad_norm = loop.step_or_skip(opt, params, loss_t, lr, step + 1, cfg)  # nan: skipped
-        if math.isfinite(grad_norm):
-            loss = float(loss_t)
-            first_loss = loss if first_loss is None else first_loss
-        else:
+        grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
+        if math.isnan(grad_norm):
             skipped += 1
+        else:
+            loss = float(step_loss)
+            first_loss = loss if first_loss is None else first_loss
 
-        # 9. eval, log, save
-        metrics = {}
-        if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            eval_loss = metrics["eval_loss"] = evaluate(model, eval_examples, eval_collate, cfg, device, rank, world)
-        if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.max_steps or metrics:
-            now = time.time()
-            logger.log(step + 1, loss=float(loss_t), lr=lr, grad_norm=grad_norm, tokens_per_s=seen / (now - t_log),
-                       skipped=skipped, **metrics)
-            seen, t_log = 0.0, now
+        # 8. eval (every --eval-every steps and at the end), log, save
+        metrics, last = {}, step + 1 == cfg.max_steps
+        if eval_examples and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+            eval_loss = metrics["eval_loss"] = evaluate(model, eval_examples, cfg, device, tok.pad_id, rank, world)
+        if (step + 1) % cfg.log_every == 0 or step == start or last or metrics:
+            logger.log(step + 1, loss=float(step_loss), lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens / (time.time() - t_log), skipped=skipped, **metrics)
+            tokens, t_log = 0.0, time.time()
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             loop.save_state(cfg.out, model, opt, step + 1, {"skipped": skipped}, rank)
 
-    # 10. final eval, then the merged checkpoint (+ adapter/ with LoRA) and metrics.json
-    if eval_examples and not (cfg.eval_every and cfg.max_steps % cfg.eval_every == 0):
-        eval_loss = evaluate(model, eval_examples, eval_collate, cfg, device, rank, world)
+    # 9. the merged checkpoint (+ adapter/ with LoRA) and metrics.json
     result = {"loss": loss, "first_loss": first_loss, "eval_loss": eval_loss, "steps": cfg.max_steps,
               "skipped_steps": skipped, "train_rows": len(examples)}
     loop.finish(cfg.out, model, tok, result, rank, lora=cfg.lora_rank > 0)

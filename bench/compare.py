@@ -14,8 +14,8 @@ peak_rss_mb (VmHWM: the process's peak resident set, imports and model included)
               (ref_model=None + peft_config, so the reference is the adapter-disabled policy) on prompt/chosen/rejected
               strings of single-token words that tokenize to exactly 64 tokens each (TRL appends the EOS).
     generate  batch 8, random 32-token prompts, 64 new tokens, pure sampling at T=1, EOS never stops a row.
-              Ours: nanoalign.generate.generate on an fp32 sampling_copy (q/k/v and gate/up fused, weights packed
-              for oneDNN; and, as extras, the bf16 one that train_ppo.py --bf16 samples from, eager and with its
+              Ours: nanoalign.generate.generate on an fp32 nanoalign.fast.sampling_copy (weights packed for
+              oneDNN; and, as extras, the bf16 one that train_ppo.py --bf16 samples from, eager and with its
               decode step compiled). Peer: transformers model.generate in fp32. Both via bench/generate.py.
     logprobs  per-token log-probs of an (8, 512) batch from final hidden states through the frozen (tied, LoRA)
               lm_head, V=49152, forward + backward. Ours: logprobs_chunked. Peer: the naive path, full logits then
@@ -194,7 +194,7 @@ def generate_side(side: str, steps: int, sh: dict) -> dict:
     kind, dtype = ("hf", "float32") if side == "peer" else \
         ("nanoalign", "bfloat16" if "bf16" in side or compiled else "float32")
     r = bench_generate.one(kind, sh["gen_batch"], sh["gen_prompt"], sh["gen_new"], steps, compiled, dtype,
-                           packed=kind == "nanoalign")  # ours: sampling_copy (fused, packed), in fp32 or bf16
+                           packed=kind == "nanoalign")  # ours: sampling_copy (packed), in fp32 or bf16
     name = PEER_NAMES["generate"] if side == "peer" else f"nanoalign-{dtype}" + "-compiled" * compiled
     return {"name": name, "step_s": round(r["batch"] * r["new_tokens"] / r["tokens_per_s"], 3),
             "tokens_per_s": round(r["tokens_per_s"], 1), "peak_rss_mb": round(r["peak_rss_mb"], 1),

@@ -5,9 +5,9 @@
 
 Workload: SmolLM2-135M-Instruct, random 32-token prompts, 64 new tokens (EOS never stops a row, so every setting
 produces exactly batch x 64 tokens), pure sampling at T=1, 2 threads. Settings: nanoalign fp32 eager on the model
-itself; sampling_copy in fp32 and in bf16 (fused q/k/v and gate/up, weights packed for oneDNN: what train_ppo.py
---bf16 and evaluate --bf16 sample from); the decode step torch.compile'd (C++ wrapper; the packed matmuls stay
-oneDNN calls) on the packed fp32 and bf16 copies (~1-2 min of compile each, --no-compile skips them);
+itself; nanoalign.fast.sampling_copy in fp32 and in bf16 (weights packed for oneDNN: what train_ppo.py --bf16 and
+evaluate --bf16 sample from); the decode step torch.compile'd (C++ wrapper; the packed matmuls stay oneDNN calls)
+on the packed fp32 and bf16 copies (~1-2 min of compile each, --no-compile skips them);
 transformers' model.generate in fp32 and in bf16 (dtype=torch.bfloat16). Each setting runs in its own subprocess
 so that peak RSS is its own, once per round; its fastest round counts. One JSON line per run, then one summary
 line per batch: our fastest setting against transformers' default (fp32), and the ratios at equal dtype.
@@ -44,7 +44,8 @@ def setup(kind: str, batch: int, prompt_len: int, new: int, compiled: bool, dtyp
                 hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
                             top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=2)
     else:
-        from nanoalign.generate import generate, sampling_copy
+        from nanoalign.fast import sampling_copy
+        from nanoalign.generate import generate
         model, tok = hub.load(hub.ALIAS)
         if packed or dtype != "float32":  # a frozen copy (its unpacked weights are freed; the policy's stay)
             model = sampling_copy(model, getattr(torch, dtype), pack=packed)

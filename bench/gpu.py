@@ -72,7 +72,8 @@ def check_nf4(device) -> dict:
     x = torch.randn(64, 576).to(device)
     diffs = {}
     for compiled in (False, True):
-        q = NF4Linear(lin, compile=compiled).to(device)
+        q = NF4Linear(lin).to(device)
+        q.compile = compiled
         diffs["compiled" if compiled else "eager"] = float((q(x) - x @ q.dequantize().T).abs().max())
     return {"check": "nf4", "max_abs_diff": diffs, "ok": all(d < 1e-4 for d in diffs.values())}
 

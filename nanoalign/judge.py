@@ -9,8 +9,6 @@ import re
 
 from . import cli
 
-FAMILIES = ("case", "keyword", "avoid", "no_commas", "start", "end", "word_limit", "bullets", "quotes", "json",
-            "arithmetic")
 _WORD = re.compile(r"\w+(?:['’]\w+)*")  # Unicode-aware; "- ", quotes and JSON braces are not words
 
 
@@ -26,26 +24,6 @@ def check_case(c, r):  # letters only; letters without case (digits, CJK) are ig
     letters = [ch for ch in r if ch.isalpha()]
     wrong = str.isupper if c["value"] == "lower" else str.islower
     return bool(letters) and not any(wrong(ch) for ch in letters)
-
-
-def check_keyword(c, r):
-    return has_word(c["value"], r)
-
-
-def check_avoid(c, r):
-    return not has_word(c["value"], r)
-
-
-def check_no_commas(c, r):
-    return "," not in r and "，" not in r
-
-
-def check_start(c, r):
-    return r.lstrip().startswith(c["value"])
-
-
-def check_end(c, r):
-    return r.rstrip().endswith(c["value"])
 
 
 def check_word_limit(c, r):
@@ -77,7 +55,13 @@ def check_arithmetic(c, r):  # the number only; a trailing period and a Unicode 
     return re.fullmatch(r"[-+]?\d+(\.\d+)?", s) is not None and float(s) == c["value"]
 
 
-CHECKS = {f: globals()[f"check_{f}"] for f in FAMILIES}
+# one checker per constraint family, in the order the task generator draws them from (a new order: new data)
+CHECKS = {"case": check_case, "keyword": lambda c, r: has_word(c["value"], r),
+          "avoid": lambda c, r: not has_word(c["value"], r), "no_commas": lambda c, r: "," not in r and "，" not in r,
+          "start": lambda c, r: r.lstrip().startswith(c["value"]), "end": lambda c, r: r.rstrip().endswith(c["value"]),
+          "word_limit": check_word_limit, "bullets": check_bullets, "quotes": check_quotes, "json": check_json,
+          "arithmetic": check_arithmetic}
+FAMILIES = tuple(CHECKS)
 
 
 def check(constraint: dict, response: str) -> bool:

@@ -8,16 +8,15 @@
     python -m nanoalign.merge --models A B --weights 0.3 --method slerp --out merged/        (t: 0 = A, 1 = B)
     python -m nanoalign.merge --models A B --weights 1 0.5 --method task-arithmetic --base SFT --out merged/
 
-Models are anything --init accepts; they must share an architecture. The tokenizer is taken from the first model
-(the base for task arithmetic). Simplifications: no per-layer weights, no TIES/DARE sparsification.
+Simplifications: no per-layer weights, no TIES/DARE sparsification; the tokenizer is the first model's (the base's).
 """
 import os
-import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import save_checkpoint
-from .cli import UserError, _Parser, check
+from .cli import UserError, check, run
 from .hub import load
 
 
@@ -40,65 +39,50 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torc
     return out.to(a.dtype)
 
 
-def merge_slerp(a: dict, b: dict, t: float) -> dict:
-    return {k: slerp(a[k], b[k], t) for k in a}
-
-
 def merge_task_arithmetic(base: dict, states: list[dict], weights: list[float]) -> dict:
     """Add each model's task vector (θ_i − θ_base), scaled by its weight, to the base."""
     return {k: (base[k].double() + sum(w * (s[k].double() - base[k].double()) for s, w in zip(states, weights)))
             .to(base[k].dtype) for k in base}
 
 
-def _load_all(paths: list[str]):
+@dataclass
+class Config:
+    """Merge checkpoints of one architecture into --out."""
+    models: list[str] = field(default_factory=list)  # models to merge (anything --init accepts)
+    weights: list[float] = field(default_factory=list)  # one weight per model (default: equal); slerp: one t in [0, 1]
+    method: str = "linear"  # how to merge: {linear, slerp, task-arithmetic}
+    base: str = ""  # the base model of task arithmetic
+    out: str = ""  # output checkpoint directory
+
+
+def main(cfg: Config) -> str:
+    n, slerp_ = len(cfg.models), cfg.method == "slerp"
+    check(n > 0 and cfg.out != "", "--models and --out are required")
+    try:
+        ws = [float(w) for w in cfg.weights] or ([0.5] if slerp_ else [1.0 / n] * n)
+    except ValueError:
+        raise UserError(f"--weights: not a number among {' '.join(map(str, cfg.weights))}")
+    check(all(abs(w) < float("inf") for w in ws), "--weights must be finite numbers")  # NaN fails it too
+    check(not slerp_ or (n == 2 and len(ws) == 1 and 0 <= ws[0] <= 1), f"slerp needs exactly 2 --models and one "
+          f"--weights t in [0, 1], got {n} models and --weights {' '.join(map(str, ws))}")
+    check(slerp_ or len(ws) == n, f"--weights: got {len(ws)} for {n} models")
+    check(cfg.method != "linear" or sum(ws) != 0, "--weights must not sum to 0 for a linear merge")
+    check((cfg.method == "task-arithmetic") == bool(cfg.base), "task-arithmetic needs --base, and only it takes one")
+    check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"{cfg.out}: exists and is not a directory")
+    paths = ([cfg.base] if cfg.base else []) + cfg.models
     models = [load(p) for p in paths]
-    ref = models[0][0].state_dict()
-    for p, (m, _) in zip(paths[1:], models[1:]):
-        sd = m.state_dict()
-        bad = sorted(set(ref) ^ set(sd)) or [k for k in ref if sd[k].shape != ref[k].shape]
-        if bad:
-            raise UserError(f"{p}: architecture differs from {paths[0]} (e.g. {bad[0]})")
-    return models
-
-
-def main(argv=None) -> str:
-    p = _Parser(prog="nanoalign.merge", description="Merge checkpoints.")  # its errors are UserErrors: exit 2
-    p.add_argument("--models", nargs="+", required=True, help="models to merge (anything --init accepts)")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per model; slerp: one t in [0, 1]")
-    p.add_argument("--method", choices=("linear", "slerp", "task-arithmetic"), default="linear")
-    p.add_argument("--base", default="", help="the base model of task arithmetic")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    a = p.parse_args(argv)
-    n = len(a.models)
-    weights = a.weights if a.weights is not None else ([0.5] if a.method == "slerp" else [1.0 / n] * n)
-    check(all(abs(w) < float("inf") for w in weights), "--weights must be finite numbers")
-    if a.method == "slerp":
-        check(n == 2 and len(weights) == 1, "slerp needs exactly 2 --models and one --weights t")
-        check(0 <= weights[0] <= 1, f"slerp t must be in [0, 1], got {weights[0]}")
-    else:
-        check(len(weights) == n, f"--weights: got {len(weights)} for {n} models")
-    check(a.method != "linear" or sum(weights) != 0, "--weights must not sum to 0 for a linear merge")
-    check(a.method == "task-arithmetic" or not a.base, "--base is only used by task-arithmetic")
-    check(a.method != "task-arithmetic" or bool(a.base), "task-arithmetic needs --base")
-    check(not os.path.exists(a.out) or os.path.isdir(a.out), f"{a.out}: exists and is not a directory")
-    models = _load_all(([a.base] if a.base else []) + a.models)
     states = [m.state_dict() for m, _ in models]
-    if a.method == "linear":
-        merged = merge_linear(states, weights)
-    elif a.method == "slerp":
-        merged = merge_slerp(states[0], states[1], weights[0])
-    else:
-        merged = merge_task_arithmetic(states[0], states[1:], weights)
+    for p, sd in zip(paths[1:], states[1:]):
+        bad = sorted(set(states[0]) ^ set(sd)) or [k for k in sd if sd[k].shape != states[0][k].shape]
+        check(not bad, f"{p}: architecture differs from {paths[0]} (e.g. {bad and bad[0]})")
     model, tok = models[0]
-    model.load_state_dict(merged)
-    save_checkpoint(a.out, model, tok)
-    print(f"merged {n} models ({a.method}) into {a.out}")
-    return a.out
+    model.load_state_dict({"linear": lambda: merge_linear(states, ws),
+                           "slerp": lambda: {k: slerp(states[0][k], states[1][k], ws[0]) for k in states[0]},
+                           "task-arithmetic": lambda: merge_task_arithmetic(states[0], states[1:], ws)}[cfg.method]())
+    save_checkpoint(cfg.out, model, tok)
+    print(f"merged {n} models ({cfg.method}) into {cfg.out}")
+    return cfg.out
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main, Config)

@@ -1,9 +1,10 @@
-"""One readable Llama-family transformer (SmolLM2, Llama 2/3, TinyLlama, ...).
+"""One readable Llama-family transformer: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 and Qwen3.
 
-RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, pre-norm residual.
-Module and parameter names follow Hugging Face (`model.layers.N.self_attn.q_proj`), so a state dict is an HF
-checkpoint and LoRA targets mean what they mean in PEFT. LoRA and NF4 are applied from outside by module swap,
-so this file stays a plain Llama.
+RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, pre-norm residual. The families
+differ in a few switches read from config.json: Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm and free head_dim,
+Llama 3.1's 'llama3' RoPE scaling, Mistral's sliding window. Names follow Hugging Face (`model.layers.N.self_attn.
+q_proj`), so a state dict is an HF checkpoint and LoRA targets mean what they mean in PEFT. LoRA, NF4 and the
+speed-ups are module swaps done from outside, so this file stays a plain model.
 """
 import math
 import numbers
@@ -12,6 +13,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # model_type -> HF class
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -22,57 +26,63 @@ class ModelConfig:
     num_hidden_layers: int = 30
     num_attention_heads: int = 9
     num_key_value_heads: int = 3
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
     rope_theta: float = 100000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", and the LLAMA3_ROPE values}, or None: plain RoPE
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
+    sliding_window: int = 0  # 0: full causal attention
     tie_word_embeddings: bool = True
+    model_type: str = "llama"
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 2
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
-    def to_hf(self, architecture: str = "LlamaForCausalLM") -> dict:
-        d = asdict(self)
-        d.update(architectures=[architecture], model_type="llama", hidden_act="silu", attention_bias=False,
-                 mlp_bias=False, head_dim=self.head_dim, torch_dtype="float32", rope_scaling=None,
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})  # transformers >= 5
-        if architecture == "LlamaForSequenceClassification":
-            d["num_labels"] = 1
-            d["id2label"], d["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
-        return d
+    def to_hf(self, reward: bool = False) -> dict:
+        """config.json for transformers: the family's *ForCausalLM, or *ForSequenceClassification for a reward model."""
+        arch = FAMILIES[self.model_type] + ("ForSequenceClassification" if reward else "ForCausalLM")
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}  # transformers 5
+        d = {**asdict(self), "architectures": [arch], "rope_parameters": rope, "sliding_window": self.sliding_window
+             or None}
+        return {**d, "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if reward else d
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
-        if d.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {d.get('model_type')!r} (only Llama-family models)")
+        family, rope = d.get("model_type", "llama"), d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope = rope if isinstance(rope, dict) else {"rope_type": rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if family not in FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported (supported: {', '.join(FAMILIES)})")
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, llama3)")
+        llama3 = {k: rope.get(k) for k in LLAMA3_ROPE} if rope_type == "llama3" else None
+        if llama3 and not all(isinstance(v, numbers.Real) and v > 0 for v in llama3.values()):
+            raise ValueError(f"rope type llama3 needs positive {', '.join(LLAMA3_ROPE)}")
+        if d.get("use_sliding_window"):  # Qwen's per-layer windows (Mistral's plain sliding_window is supported)
+            raise ValueError("use_sliding_window is not supported (only Mistral's sliding_window)")
         kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"rope scaling {rope.get('rope_type') if isinstance(rope, dict) else rope!r} is not "
-                             "supported")
-        if "rope_theta" not in kw and rope.get("rope_theta") is not None:
-            kw["rope_theta"] = rope["rope_theta"]
+        kw["rope_scaling"] = llama3 and {"rope_type": "llama3", **llama3}
+        kw.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
         kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", cls.num_attention_heads))
-        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # HF allows lists; we use the first id
-            if isinstance(kw.get(k), list):
-                kw[k] = kw[k][0]
+        if family != "mistral":  # Qwen writes a window that it uses only with use_sliding_window
+            kw.pop("sliding_window", None)
+        kw.update({k: v[0] for k, v in kw.items() if k.endswith("token_id") and isinstance(v, list) and v})  # lists
+        for k, v in kw.items():  # a hand-edited config.json fails here, naming its key, not deep inside the model
+            kind, low = type(getattr(cls, k)), 0 if k.endswith("token_id") or not getattr(cls, k) else 1e-30
+            ok = isinstance(v, bool) if kind is bool else kind not in (int, float) or (not isinstance(v, bool) and
+                isinstance(v, numbers.Integral if kind is int else numbers.Real) and math.isfinite(v) and v >= low)
+            if not ok:
+                want = "true or false" if kind is bool else f"a positive {kind.__name__}" if low else \
+                    f"an {kind.__name__} >= 0"
+                raise ValueError(f"{k} must be {want}, got {v!r}")
         cfg = cls(**kw)
-        for f in fields(cfg):  # a hand-edited config.json fails here, naming its key, not deep inside the model
-            v = getattr(cfg, f.name)
-            if f.type is bool:
-                bad, want = not isinstance(v, bool), "true or false"
-            else:  # sizes > 0, token ids >= 0
-                ids = f.name.endswith("token_id")
-                low, want = (0, f"an {f.type.__name__} >= 0") if ids else (1e-30, f"a positive {f.type.__name__}")
-                bad = (not isinstance(v, numbers.Integral if f.type is int else numbers.Real) or isinstance(v, bool)
-                       or not math.isfinite(v) or v < low)
-            if bad:
-                raise ValueError(f"{f.name} must be {want}, got {v!r}")
-        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError("hidden_size must divide by num_attention_heads, and that by num_key_value_heads")
+        if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.hidden_size % cfg.num_attention_heads and not \
+                kw.get("head_dim"):
+            raise ValueError("num_attention_heads must divide by num_key_value_heads, and hidden_size by "
+                             "num_attention_heads unless head_dim is given")
         return cfg
 
 
@@ -83,7 +93,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return _rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm(x, weight, eps: float):
@@ -93,10 +103,23 @@ def rms_norm(x, weight, eps: float):
     return weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float):
+def rope_frequencies(cfg: ModelConfig):
+    """RoPE's inverse frequencies theta^(-2i/D), (head_dim/2,); Llama 3.1's scaling if the config asks for it."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    s = cfg.rope_scaling
+    if s:  # Llama 3.1: wavelengths over context/low_freq_factor are stretched by `factor`, those under
+        # context/high_freq_factor kept, the ones between interpolated
+        wavelen = 2 * math.pi / inv_freq
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
+        smooth = ((s["original_max_position_embeddings"] / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    return inv_freq
+
+
+def rope_cos_sin(position_ids, inv_freq):
     """cos/sin tables for positions (B, T) -> each (B, T, head_dim), the HF 'rotate_half' layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -110,25 +133,14 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
-_rms_norm, _apply_rope, _swiglu = rms_norm, apply_rope, swiglu  # what the modules call (see compile_pointwise)
-
-
-def compile_pointwise():
-    """The scripts' --compile: RMSNorm, RoPE and SwiGLU torch.compile'd (dynamic shapes), each one fused loop whose
-    backward saves its inputs only; matmuls and attention stay eager (a whole-model compile took > 5 min on 2 cores)."""
-    global _rms_norm, _apply_rope, _swiglu
-    if _rms_norm is rms_norm:  # once per process
-        _rms_norm, _apply_rope, _swiglu = (torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu))
-
-
 class KVCache(nn.Module):
     """A preallocated cache (gpt-fast style): forward writes new keys/values at `cache_pos`."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k", "v"):  # buffers: torch.compile tracks their in-place writes
+            self.register_buffer(name, torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device),
+                                 persistent=False)
 
     def update(self, cache_pos, k, v):  # cache_pos: (T,) positions in the buffer; k, v: (B, Hkv, T, D)
         self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
@@ -139,22 +151,26 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul (generate.sampling_copy sets it)
+        H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = H, Hkv, D
+        bias = cfg.model_type == "qwen2"  # Qwen2's q/k/v projections carry a bias; its o_proj does not
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hkv * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+        # Qwen3 RMS-normalises each head's q and k before RoPE, which keeps the attention logits bounded
+        self.q_norm, self.k_norm = (RMSNorm(D, cfg.rms_norm_eps) if cfg.model_type == "qwen3" else None for _ in "qk")
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, cache_pos=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv_proj is None else \
-            self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = _apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = _apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))  # (B, Hkv, S, D): the whole buffer
         # grouped-query attention: each kv head serves rep = n_heads / n_kv query heads. Fold those heads into the
@@ -162,7 +178,7 @@ class Attention(nn.Module):
         rep = H // Hkv
         q = q.reshape(B, Hkv, rep * T, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if T == 1 else mask.repeat(1, 1, rep, 1))
-        return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -171,12 +187,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul (generate.sampling_copy sets it)
 
     def forward(self, x):  # SwiGLU
-        fused = self.gate_up_proj
-        gate, up = (self.gate_proj(x), self.up_proj(x)) if fused is None else fused(x).chunk(2, dim=-1)
-        return self.down_proj(_swiglu(gate, up))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -192,23 +205,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    """The trunk, named as HF's `model.` prefix."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 def build_mask(attention_mask, T: int, S: int, cache_pos=None, allowed=None):
-    """Boolean SDPA mask (B, 1, T, S): True where a query may attend to a key.
-
-    attention_mask: (B, S) 1 for real tokens, 0 for padding (key padding by position, never by token id: SmolLM2's
-    pad token is its EOS). cache_pos: (T,) buffer positions of the queries when decoding with a KV cache.
-    allowed: an optional (B, T, S) bool that restricts attention further (e.g. packed rows, nanoalign.packing).
-    """
+    """Boolean SDPA mask (B, 1, T, S), True where a query may attend to a key. attention_mask: (B, S) 1 on real
+    tokens (padding by position, never by id: pad is often EOS); cache_pos: (T,) the queries' KV-cache positions;
+    allowed: an optional (B, T, S) bool restricting attention further (packed rows, nanoalign.packing)."""
     device = attention_mask.device
     q_pos = cache_pos if cache_pos is not None else torch.arange(T, device=device)
     causal = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # (T, S)
@@ -224,11 +224,14 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaModel(cfg)
+        self.model = nn.ModuleDict(dict(  # the trunk, named as HF's `model.` prefix
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.score: nn.Linear | None = None  # scalar head of a reward model (HF LlamaForSequenceClassification)
+        self.score: nn.Linear | None = None  # scalar head of a reward model (HF *ForSequenceClassification)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02):
@@ -258,26 +261,24 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_pos=None, return_hidden: bool = False):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, C) with return_hidden.
-
-        attention_mask: (B, T) 1 = real token, or (B, S) over the whole KV cache when decoding with cache_pos (T,);
-        or a ready (B, 1, T, T) boolean mask (packed rows; then position_ids are required).
-        position_ids default to attention_mask.cumsum(-1) - 1, which is right for left padding.
-        """
+        attention_mask: (B, T) 1 = real token, or (B, S) over the whole KV cache when decoding with cache_pos (T,), or
+        a ready (B, 1, T, T) boolean mask (packed rows: then position_ids are required). position_ids default to
+        attention_mask.cumsum(-1) - 1, which is right for left padding."""
         B, T = input_ids.shape
         if attention_mask is None:
             S = T if cache_pos is None else self.model.layers[0].self_attn.kv_cache.k.shape[2]
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
-            if cache_pos is not None:
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0).gather(1, cache_pos[None].expand(B, -1))
-            else:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            if cache_pos is not None:  # the positions of the cache slots being written
+                position_ids = position_ids.gather(1, cache_pos[None].expand(B, -1))
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = (c[:, None].to(x.dtype) for c in rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
-        if attention_mask.dim() == 4:
-            mask = attention_mask
-        else:
-            mask = build_mask(attention_mask, T, attention_mask.shape[1], cache_pos)
+        cos, sin = (c[:, None].to(x.dtype) for c in rope_cos_sin(position_ids, rope_frequencies(self.cfg)))
+        mask = attention_mask if attention_mask.dim() == 4 else build_mask(attention_mask, T, attention_mask.shape[1],
+                                                                           cache_pos)
+        if self.cfg.sliding_window:  # Mistral: only keys less than sliding_window positions back (by position, so
+            k_pos = position_ids if cache_pos is None else attention_mask.cumsum(-1) - 1  # packed rows stay exact)
+            mask = mask & (position_ids[:, None, :, None] - k_pos[:, None, None, :] < self.cfg.sliding_window)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         x = self.model.norm(x)
@@ -285,7 +286,7 @@ class Transformer(nn.Module):
 
 
 def last_token_index(mask):
-    """Index of the last 1 in each row of a (B, T) mask: where reward and value are read (pitfall 6)."""
+    """Index of the last 1 in each row of a (B, T) mask: where reward and value are read."""
     T = mask.shape[1]
     pos = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)

@@ -1,51 +1,41 @@
-"""Several sequences in one row: a speed-up, kept here so the scripts read as if every sequence had its own row.
+"""Several sequences in one row: speed-ups kept here, so the scripts read as if every sequence had its own row.
 
-- SFT packing (pack_sft, collate_packed): whole conversations side by side, each attending only to itself.
-- Prompt-shared rows: a preference pair as [prompt | chosen | rejected] (collate_shared), and PPO's k samples of a
-  prompt as [prompt | response 1 | ... | response k] (share_prompts). The prompt's forward and backward run once.
-
-Every layout is expressed as segments: segment 0 is a shared prefix that every token of the row may see, and a token
-of segment s > 0 sees only the prefix and its own segment (causally). Positions restart where the plain row would
-have them, so each hidden state equals the one of the unpacked row (tested against it). The model itself knows
-nothing of this: it receives the (B, 1, T, T) mask from segment_mask() as its attention_mask.
+SFT packing puts whole conversations side by side (pack_sft); prompt sharing runs a prompt once for its responses
+(shared_rows): a pair as [prompt | chosen | rejected], PPO's k samples as [prompt | response 1 | ... | response k].
+A token sees the shared prefix and its own segment, causally, at the positions it would have alone, so every hidden
+state equals the unpacked one (tested); the plain model only gets segment_mask()'s (B, 1, T, T) attention_mask.
 """
 import torch
 
 from .data import collate_sft, pad
-from .logprobs import logprobs_chunked
+from .logprobs import last_token_rewards, logprobs_chunked, sequence_logprobs
 from .model import build_mask
 
 
 def segment_mask(attention_mask, segment_ids):
-    """(B, T) 0/1 mask and (B, T) segment ids (-1 on padding) -> the boolean (B, 1, T, T) mask the model takes as
-    attention_mask."""
-    T = segment_ids.shape[1]
+    """(B, T) 0/1 mask and (B, T) segment ids (-1 on padding) -> the boolean (B, 1, T, T) attention_mask."""
     q, k = segment_ids[:, :, None], segment_ids[:, None, :]
     allowed = ((k == 0) | (q == k)) & (q >= 0)  # (B, T, T): the shared prefix, or the query's own segment
-    return build_mask(attention_mask, T, T, allowed=allowed)
+    return build_mask(attention_mask, segment_ids.shape[1], segment_ids.shape[1], allowed=allowed)
 
 
 # --- SFT packing ------------------------------------------------------------------------------------------------
 def pack_sft(examples: list[tuple], max_len: int) -> list[list[tuple]]:
-    """Group whole conversations into rows of at most max_len tokens (first fit, in order; none is split)."""
+    """Group whole (ids, mask) conversations into rows of at most max_len tokens (first fit, in order; none split)."""
     rows, room = [], []
     for ex in examples:
-        n = len(ex[0])
-        for i in range(len(rows)):
-            if n <= room[i]:
-                rows[i].append(ex)
-                room[i] -= n
-                break
-        else:
-            rows.append([ex])
-            room.append(max_len - n)
+        i = next((i for i, r in enumerate(room) if len(ex[0]) <= r), len(rows))  # the first row it fits in
+        if i == len(rows):
+            rows.append([])
+            room.append(max_len)
+        rows[i].append(ex)
+        room[i] -= len(ex[0])
     return rows
 
 
 def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -> dict:
-    """Packed rows -> collate_sft's tensors, with a (B, 1, T, T) attention_mask that keeps each conversation to
-    itself and position_ids that restart at 0 in each one, so it sees exactly what it would see alone. The first
-    token of every conversation is never a target: it is not predicted from the one before it."""
+    """Packed rows -> collate_sft's tensors, with the segment mask and position_ids restarting at 0 in each
+    conversation. A conversation's first token is never a target: nothing in its own conversation predicts it."""
     flat = [([t for ids, _ in docs for t in ids], [m if j else 0 for _, mask in docs for j, m in enumerate(mask)])
             for docs in rows]
     batch = collate_sft(flat, pad_id, multiple_of)
@@ -56,91 +46,114 @@ def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -
     return batch
 
 
-# --- prompt-shared preference pairs -----------------------------------------------------------------------------
+# --- prompt-shared rows -----------------------------------------------------------------------------------------
+def shared_rows(prompts: list[list], responses: list[list[list]], pad_id: int, multiple_of: int = 1) -> dict:
+    """G prompts, each with k responses (token lists) -> G rows [prompt | response 1 | ... | response k]: input_ids,
+    attention_mask, position_ids (restarting at len(prompt) for each response), branch_ids (0 prompt, j + 1 response
+    j, -1 padding), prev_index (the position that predicts token t) and last_index (G, k): each response's last."""
+    ids, pos, branch, prev, last = [], [], [], [], []
+    for p, rs in zip(prompts, responses):
+        P = len(p)
+        ids.append(list(p) + [t for r in rs for t in r])
+        pos.append(list(range(P)) + [P + i for r in rs for i in range(len(r))])
+        branch.append([0] * P + [j + 1 for j, r in enumerate(rs) for _ in r])
+        starts = [P + sum(map(len, rs[:j])) for j in range(len(rs))]
+        prev.append([max(t - 1, 0) for t in range(P)] + [a + i - 1 if i else P - 1  # a response's first: prompt's last
+                                                         for a, r in zip(starts, rs) for i in range(len(r))])
+        last.append([a + len(r) - 1 for a, r in zip(starts, rs)])
+    T = -(-max(map(len, ids)) // multiple_of) * multiple_of
+    branch = pad(branch, -1, T)
+    return {"input_ids": pad(ids, pad_id, T), "attention_mask": segment_mask((branch >= 0).long(), branch),
+            "position_ids": pad(pos, 0, T), "branch_ids": branch, "prev_index": pad(prev, 0, T),
+            "last_index": torch.tensor(last)}
+
+
 def collate_shared(examples: list[dict], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
-    """B pairs -> B rows [prompt | chosen | rejected]: the prompt is run ONCE for both responses.
-
-    The rejected response continues from the end of the prompt (its positions restart there) and sees the prompt and
-    itself only, so every hidden state equals the one the two-row batch of prefs.collate_pairs gives. A response
-    keeps the first max_len - len(prompt) tokens, as there. prev_index[t] is the position whose hidden state predicts
-    token t: t - 1, except the rejected response's first token, predicted from the prompt's last token.
-    response_mask marks the tokens a loss needs; branch_ids says whose they are (1 chosen, 2 rejected); each
-    response's reward is read at its last token (last_index, (B, 2))."""
-    rows = []
-    for e in examples:
-        p = e["prompt"]
-        c, cm, r, rm = (e[k][:max_len - len(p)] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask"))
-        rows.append((p, c, cm, r, rm))
-    T = -(-max(len(p) + len(c) + len(r) for p, c, _, r, _ in rows) // multiple_of) * multiple_of
-    ids, att, pos, branch, resp, prev = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(6))
-    branch.fill_(-1)
-    last = torch.zeros(len(rows), 2, dtype=torch.long)
-    for i, (p, c, cm, r, rm) in enumerate(rows):
-        P, n = len(p), len(p) + len(c) + len(r)
-        ids[i] = torch.tensor(p + c + r + [pad_id] * (T - n))
-        att[i, :n] = 1
-        pos[i, :n] = torch.cat([torch.arange(P + len(c)), torch.arange(P, P + len(r))])
-        branch[i, :n] = torch.tensor([0] * P + [1] * len(c) + [2] * len(r))
-        resp[i, :n] = torch.tensor([0] * P + list(cm) + list(rm))
-        prev[i] = (torch.arange(T) - 1).clamp(min=0)
-        prev[i, P + len(c)] = P - 1  # the rejected response starts right after the prompt, not after chosen
-        last[i] = torch.tensor([P + len(c) - 1, n - 1])
-    return {"input_ids": ids, "attention_mask": segment_mask(att, branch), "position_ids": pos, "branch_ids": branch,
-            "response_mask": resp, "prev_index": prev, "last_index": last}
+    """B pairs -> B rows [prompt | chosen | rejected], the pairs of prefs.collate_pairs' 2B rows (each response keeps
+    its first max_len - len(prompt) tokens, as there), plus response_mask: 1 on the tokens a loss reads."""
+    cut = [{k: e[k][:max_len - len(e["prompt"])] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask")}
+           for e in examples]
+    batch = shared_rows([e["prompt"] for e in examples], [[c["chosen"], c["rejected"]] for c in cut], pad_id,
+                        multiple_of)
+    masks = [[0] * len(e["prompt"]) + c["chosen_mask"] + c["rejected_mask"] for e, c in zip(examples, cut)]
+    batch["response_mask"] = pad(masks, 0, batch["input_ids"].shape[1])
+    return batch
 
 
-def branch_logprobs(model, input_ids, attention_mask, position_ids, prev_index, labels_mask,
-                    temperature: float = 1.0, chunk: int = 128, compiled: bool = False):
-    """Per-token log-probs of prompt-shared rows (collate_shared), aligned with input_ids (B, T): entry t is
-    log p(input_ids[t] | the prompt and its own response so far) / T, read from the hidden state at prev_index[t];
-    0 where labels_mask is 0."""
-    B, T = input_ids.shape
-    hidden = model(input_ids, attention_mask, position_ids=position_ids, return_hidden=True)
-    keep = labels_mask.bool()  # (B, T)
-    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
-    sel = hidden[rows[keep], prev_index[keep]]  # (K, C): the predicting hidden state of each kept token
-    logp = logprobs_chunked(sel, model.lm_head.weight, input_ids[keep], temperature, chunk, compiled)
-    return logp.new_zeros(B, T).masked_scatter(keep, logp)
+def per_response(batch, x):
+    """(rows, T) values of a pair batch, collate_shared's or prefs.collate_pairs' -> (chosen, rejected) sums (B,)."""
+    if "branch_ids" not in batch:
+        return x.sum(-1).chunk(2)
+    return tuple((x * (batch["branch_ids"] == k)).sum(-1) for k in (1, 2))
 
 
-# --- prompt-shared PPO rollouts ---------------------------------------------------------------------------------
+def pair_logprobs(model, batch, compiled: bool = False):
+    """(log π(y_w|x), log π(y_l|x)), each (B,) fp32: each response's token log-probs, summed, for either layout
+    (they agree in values and gradients: tested). Shared rows read token t from the hidden state at prev_index[t]."""
+    ids, keep = batch["input_ids"], batch["response_mask"].bool()
+    if "prev_index" not in batch:
+        return sequence_logprobs(model, ids, batch["attention_mask"], keep, compiled=compiled).chunk(2)
+    hidden = model(ids, batch["attention_mask"], position_ids=batch["position_ids"], return_hidden=True)
+    sel = hidden[keep.nonzero()[:, 0], batch["prev_index"][keep]]  # (K, C): the state predicting each response token
+    logp = logprobs_chunked(sel, model.lm_head.weight, ids[keep], compiled=compiled)  # (K,) fp32
+    return per_response(batch, logp.new_zeros(ids.shape).masked_scatter(keep, logp))
+
+
+def pair_lengths(batch):
+    """(chosen, rejected) response token counts, each (B,) float: for per-token averages of log-probs."""
+    return tuple(n.clamp(min=1) for n in per_response(batch, batch["response_mask"].float()))
+
+
+def pair_rewards(rm, batch):
+    """(chosen, rejected) reward-model scores, each (B,) fp32, read at each response's last token, either layout."""
+    if "last_index" not in batch:
+        return last_token_rewards(rm, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    hidden = rm(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"], return_hidden=True)
+    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
+    return rm.score(hidden[rows, batch["last_index"]].float()).squeeze(-1).float().unbind(1)  # (B, 2) -> 2 x (B,)
+
+
 def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
-    """Rollout rows -> prompt-shared rows, so that a prompt runs once for its k responses.
-
-    seq, attn (B, P+N): left-padded prompts, then responses; mask (B, N): 1 on each response's tokens, a prefix of
-    the row. The k responses of a prompt are k consecutive rows. Row g of the result is [prompt | response 1 | ... |
-    response k], unpadded; positions restart after the prompt for each response, and each response sees the prompt
-    and itself only, so every hidden state is the one the unshared row gives. "prev" (B, N) is the index, into the
-    result's rows flattened to (B/k · T,), of the hidden state that predicts response token t of row b: the prompt's
-    last token for t = 0, else the token before (0 where mask is 0); "last" (B,) is the same kind of index of each
-    response's last token (where a reward is read)."""
+    """PPO's rollouts -> shared_rows, so a prompt runs once for its k responses (k consecutive rows). seq, attn
+    (B, P+N): left-padded prompts, then responses; mask (B, N): 1 on each response's tokens, a prefix. "prev" (B, N)
+    indexes, into the result's rows flattened to (B/k · T,), the state that predicts response token t of row b (0
+    where mask is 0); "last" (B,) the same kind of index of each response's last token."""
     B, N = mask.shape
-    plens, rlens = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist()
-    G = B // k
-    T = max(plens[g * k] + sum(rlens[g * k:(g + 1) * k]) for g in range(G))
-    ids, att, pos = (torch.zeros(G, T, dtype=torch.long) for _ in range(3))
-    branch = torch.full((G, T), -1, dtype=torch.long)
-    prev, last = torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    cpu = seq.cpu()
-    for g in range(G):
-        p = plens[g * k]
-        ids[g, :p], att[g, :p], pos[g, :p], branch[g, :p] = cpu[g * k, P - p:P], 1, torch.arange(p), 0
-        at = p  # where the next response starts in row g
-        for j in range(k):
-            b, n = g * k + j, rlens[g * k + j]
-            ids[g, at:at + n], att[g, at:at + n], branch[g, at:at + n] = cpu[b, P:P + n], 1, j + 1
-            pos[g, at:at + n] = torch.arange(p, p + n)
-            prev[b, :n] = g * T + torch.arange(at - 1, at + n - 1)  # the token before ...
-            prev[b, 0] = g * T + p - 1  # ... except for the first: the prompt's last token
-            last[b] = g * T + at + n - 1
-            at += n
-    out = {"input_ids": ids, "attention_mask": segment_mask(att, branch), "position_ids": pos}
+    plens, rlens, cpu = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist(), seq.cpu()
+    prompts = [cpu[g, P - plens[g]:P].tolist() for g in range(0, B, k)]
+    responses = [[cpu[b, P:P + rlens[b]].tolist() for b in range(g, g + k)] for g in range(0, B, k)]
+    s = shared_rows(prompts, responses, 0)
+    T = s["input_ids"].shape[1]
+    base = torch.arange(B // k).repeat_interleave(k) * T  # (B,): where row b's group starts, flattened
+    first = s["last_index"].reshape(B) - torch.tensor(rlens) + 1  # (B,): each response's first position in its row
+    idx = (first[:, None] + torch.arange(N)).clamp(max=T - 1)  # (B, N)
+    prev = (base[:, None] + s["prev_index"].repeat_interleave(k, 0).gather(1, idx)) * mask.cpu().bool()
+    out = {"input_ids": s["input_ids"], "attention_mask": s["attention_mask"], "position_ids": s["position_ids"]}
+    last = base + s["last_index"].reshape(B)
     return {key: v.to(seq.device) for key, v in {**out, "prev": prev, "last": last}.items()}
 
 
 def local_rows(rows: torch.Tensor, group: int, rank: int, world: int) -> torch.Tensor:
-    """Of `rows` (indices into a global batch made of groups of `group` consecutive rows, e.g. the k samples of a
-    prompt, dealt out round-robin by loop.shard), the ones this rank holds, as indices into its own rows, in the
-    order given. Group g lives on rank g % world, as its group g // world. May be empty."""
+    """Of `rows` (indices into a global batch of groups of `group` consecutive rows, dealt out by loop.shard: group g
+    on rank g % world, as its group g // world), the ones this rank holds, as its own row indices. May be empty."""
     g, j = rows // group, rows % group
     return ((g // world) * group + j)[g % world == rank]
+
+
+def response_hidden(model, seq, attn, mask, P: int, k: int = 1):
+    """PPO's rollout rows (share_prompts' arguments) -> (B, N, C): the final hidden state that predicts each response
+    token. k > 1: a prompt runs once for its k responses, same values; a rank with no rows runs plain."""
+    if k > 1 and len(seq):
+        s = share_prompts(seq, attn, mask, P, k)
+        h = model(s["input_ids"], s["attention_mask"], s["position_ids"], return_hidden=True)  # (B/k, T, C)
+        return h.flatten(0, 1)[s["prev"]]
+    return model(seq, attn, return_hidden=True)[:, P - 1:-1]
+
+
+def response_rewards(rm, seq, attn, mask, P: int, k: int = 1):
+    """PPO's rollout rows -> the reward model's scores (B,) fp32 at each response's last real token (k: as above)."""
+    if k == 1:
+        return last_token_rewards(rm, seq, attn)
+    s = share_prompts(seq, attn, mask, P, k)
+    h = rm(s["input_ids"], s["attention_mask"], s["position_ids"], return_hidden=True).flatten(0, 1)[s["last"]]
+    return rm.score(h).squeeze(-1).float()

@@ -1,25 +1,25 @@
 """On-policy preference pairs, UltraFeedback style: k samples per prompt from a model, judged, best vs worst.
 
-    python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --k 4 --out pairs.jsonl \
-        [--judge gold|RM_DIR] [--label-noise T] [--temperature 1.0] [--max-new-tokens 96] [--seed S] [--limit N]
+    python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --out pairs.jsonl [--k 4 --judge RM_DIR]
 """
 import dataclasses
 import math
 import os
 import random
 
-from . import cli
+from . import cli, evaluate
+from .data import read_prompts
+from .hub import load
 from .judge import check_rows
-from .tasks import _write_jsonl
+from .tasks import write_jsonl
+
 
 def best_vs_worst(rows: list[dict], texts: list[str], scores: list[float], k: int, label_noise: float = 0.0,
                   seed: int = 0) -> tuple[list[dict], dict]:
-    """UltraFeedback-style pairs from k judged completions per row (prompt-major): best is chosen, worst rejected.
-
-    A tie (best score == worst score, or the same text) carries no preference and is dropped. With label_noise T > 0,
-    each pair is flipped with the Bradley-Terry probability 1 - sigmoid((s_best - s_worst) / T): annotators who
-    disagree more often the closer the two responses are (T -> inf: a coin flip; T = 0: never).
-    """
+    """Pairs from k judged completions per row (prompt-major): the best is chosen, the worst rejected. A tie (equal
+    scores, or the same text) carries no preference and is dropped. With label_noise T > 0, each pair is flipped with
+    the Bradley-Terry probability 1 - sigmoid((s_best - s_worst) / T): annotators who disagree more often the closer
+    the two responses are (T -> inf: a coin flip; T = 0: never)."""
     rng, pairs, ties, flipped = random.Random(f"{seed}/label-noise"), [], 0, 0
     for i, row in enumerate(rows):
         group = list(zip(scores[i * k:(i + 1) * k], texts[i * k:(i + 1) * k]))
@@ -38,6 +38,7 @@ def best_vs_worst(rows: list[dict], texts: list[str], scores: list[float], k: in
 
 @dataclasses.dataclass
 class PairsConfig:
+    """On-policy preference pairs: the judge's best vs worst of --k samples per prompt from --model."""
     model: str = ""  # policy to sample from (preset, alias, checkpoint dir, .gguf)
     prompts: str = ""  # prompts JSONL (with task metadata for the gold judge)
     out: str = ""  # output preference JSONL: prompt, chosen, rejected, the prompt's metadata, both scores
@@ -50,34 +51,28 @@ class PairsConfig:
     limit: int = 0  # use only the first N prompts (0 = all)
     batch_size: int = 16  # generation batch
     device: str = "cpu"  # cpu or cuda
-    bf16: bool = False  # sample from a bf16 copy of the weights (~1.35x faster decoding at batch 8 on this CPU)
+    bf16: bool = False  # sample from a bf16 copy of the weights (faster decoding on a CPU)
 
 
 def pairs_main(cfg: PairsConfig) -> dict:
-    from .data import read_prompts
-    from .evaluate import make_judge, sample
-    from .hub import load
     for f in ("model", "prompts", "out"):
         cli.check(getattr(cfg, f) != "", f"--{f} is required")
     cli.check(cfg.k >= 2, f"--k must be >= 2, got {cfg.k}")
-    cli.check(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
-    cli.check(cfg.max_new_tokens > 0, f"--max-new-tokens must be > 0, got {cfg.max_new_tokens}")
-    cli.check(cfg.label_noise >= 0, f"--label-noise must be >= 0, got {cfg.label_noise}")
-    cli.check(cfg.limit >= 0 and cfg.batch_size > 0, "--limit must be >= 0 and --batch-size > 0")
+    cli.check_ranges(cfg, positive=("temperature", "max_new_tokens", "batch_size"), non_negative=("label_noise", "limit"))
     cli.check(not os.path.isdir(cfg.out), f"{cfg.out}: is a directory, not a file path")
     rows = read_prompts(cfg.prompts)[:cfg.limit or None]
     check_rows(rows, cfg.prompts, need_all=cfg.judge == "gold")
-    judge = make_judge(cfg.judge, cfg.device)
+    judge = evaluate.make_judge(cfg.judge, cfg.device)
     model, tok = load(cfg.model, cfg.device)
-    samples = sample(model.eval(), tok, [r["prompt"] for r in rows], cfg.k, cfg.temperature, cfg.max_new_tokens,
-                     cfg.seed, cfg.batch_size, cfg.bf16)
+    samples = evaluate.sample(model.eval(), tok, [r["prompt"] for r in rows], cfg.k, cfg.temperature,
+                              cfg.max_new_tokens, cfg.seed, cfg.batch_size, cfg.bf16)
     texts = [s[2] for s in samples]
-    scores = judge([r for r in rows for _ in range(cfg.k)], texts)
-    pairs, stats = best_vs_worst(rows, texts, scores, cfg.k, cfg.label_noise, cfg.seed)
+    pairs, stats = best_vs_worst(rows, texts, judge([r for r in rows for _ in range(cfg.k)], texts), cfg.k,
+                                 cfg.label_noise, cfg.seed)
     cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
               "the same); try a higher --temperature or a larger --k")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    _write_jsonl(cfg.out, pairs)
+    write_jsonl(cfg.out, pairs)
     print(f"wrote {len(pairs)} pairs to {cfg.out} ({stats['ties']} of {len(rows)} prompts dropped as ties; "
           f"{stats['flipped']} labels flipped by --label-noise {cfg.label_noise})")
     return stats

@@ -5,34 +5,27 @@
 Each probe rewrites the reference answer of every held-out prompt whose constraints do not involve what it changes
 (quoted, wrapped in JSON, in capitals, in lowercase, as bullets, said twice, or cut before its closing EOS), and
 reports the mean change of the RM score, the fraction of prompts where it went up, and the same change for the gold
-judge. The gold judge never scores such a rewrite higher (it checks what was asked, so it scores it the same or
-lower when the rewrite breaks a requested constraint): a probe the RM rewards is a direction PPO can climb without
-getting better, which is where reward hacking starts (Gao et al. 2022). Reading the RM on text cut before its EOS is
-what PPO does with a response that hit the length cap, unless it closes it (train_ppo.rm_score).
+judge, which never scores such a rewrite higher. A probe the RM rewards is a direction PPO can climb without getting
+better: where reward hacking starts (Gao et al. 2022). "no EOS" reads the RM where a response cut at the cap ends.
 """
-import json
 import os
 import re
 from dataclasses import dataclass
 
-import torch
-
+from .answers import MISFIRES
+from .checkpoint import write_json
 from .cli import check, run
+from .data import read_prompts
+from .evaluate import load_rm, rm_scores
+from .judge import check_rows
 from .judge import score as gold_score
 
 
-def _bullets(text: str) -> str:
-    return "\n".join("- " + s for s in re.split(r"(?<=[.!?]) +", text) if s)
-
-
 # name -> (rewrite of the text, the constraint families that make a prompt ineligible, RM reads without the EOS)
-PROBES = {"quotes": (lambda s: f'"{s}"', {"quotes"}, False),
-          "json": (lambda s: json.dumps({"answer": s}), {"json"}, False),
-          "capitals": (str.upper, {"case"}, False),
-          "lowercase": (str.lower, {"case"}, False),
-          "bullets": (_bullets, {"bullets"}, False),
-          "said twice": (lambda s: s + " " + s, {"word_limit"}, False),
-          "no EOS": (lambda s: s, set(), True)}
+PROBES = {"quotes": (MISFIRES["quotes"], {"quotes"}, False), "json": (MISFIRES["json"], {"json"}, False),
+          "capitals": (MISFIRES["upper"], {"case"}, False), "lowercase": (MISFIRES["lower"], {"case"}, False),
+          "bullets": (lambda s: "\n".join("- " + x for x in re.split(r"(?<=[.!?]) +", s) if x), {"bullets"}, False),
+          "said twice": (lambda s: s + " " + s, {"word_limit"}, False), "no EOS": (lambda s: s, set(), True)}
 
 
 def probe(score_fn, rows: list[dict]) -> dict:
@@ -64,28 +57,20 @@ class Config:
 
 
 def main(cfg: Config) -> dict:
-    from .data import read_prompts
-    from .evaluate import rm_scores
-    from .hub import load
-    from .judge import check_rows
     check(bool(cfg.rm) and bool(cfg.prompts), "--rm and --prompts are required")
-    check(os.path.isdir(cfg.rm), f"--rm {cfg.rm}: not a directory")
+    check(not cfg.out or os.path.isdir(os.path.dirname(os.path.abspath(cfg.out))), f"{cfg.out}: no such directory")
     rows = read_prompts(cfg.prompts)
     check_rows(rows, cfg.prompts)
     missing = next((r for r in rows if not isinstance(r.get("reference"), str)), None)
     check(missing is None, f"{cfg.prompts}:{missing and missing.get('line')}: no \"reference\" answer to rewrite")
-    rm, tok = load(cfg.rm, cfg.device)
-    check(rm.score is not None, f"--rm {cfg.rm}: not a reward model (no score head)")
-    rm.eval()
-    with torch.no_grad():
-        res = probe(lambda rs, texts, open_end: rm_scores(rm, tok, [r["prompt"] for r in rs], texts,
-                                                          open_end=open_end), rows)
+    rm, tok = load_rm(cfg.rm, cfg.device)
+    res = probe(lambda rs, texts, open_end: rm_scores(rm, tok, [r["prompt"] for r in rs], texts, open_end=open_end),
+                rows)
     print("| rewrite (not asked for) | prompts | RM score change | RM score up | gold change |\n|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['n']} | {r['rm_shift']:+.2f} | {r['rm_up']:.2f} | {r['gold_shift']:+.2f} |")
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(cfg.out, res)
     return res
 
 

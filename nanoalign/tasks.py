@@ -1,24 +1,16 @@
 """The verifiable task suite (IFEval-style: a program, not a person, is the judge; the judge is nanoalign/judge.py).
 
-A prompt is a plain request about a topic plus one to three constraints a program can check, e.g.
-    Describe tea. Write your whole answer in lowercase letters. Include the word "calm".
-The gold score of a response is the fraction of its constraints satisfied; an empty or degenerate response scores 0.
-From one seed, `make` writes SFT demonstrations, off-policy preference pairs (chosen = demonstration, rejected = the
-same answer with one or more constraints broken), PPO prompts, and a held-out eval split whose topics and keywords
-are disjoint from training:
-
     python -m nanoalign.tasks make --out data/ --seed 0 [--n-sft 2000 --n-prefs 2000 --n-prompts 512 --n-eval 200]
+    python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --out pairs.jsonl [--k 4 --judge RM_DIR]
 
-From a model, `pairs` makes on-policy preference pairs, UltraFeedback style (k samples, judged; best vs worst):
-
-    python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --k 4 --out pairs.jsonl \
-        [--judge gold|RM_DIR] [--label-noise T] [--temperature 1.0] [--max-new-tokens 96] [--seed S] [--limit N]
-
-Every row carries its metadata, so `score(response, row)` needs nothing else:
-    {"prompt": str, "constraints": [{"type": FAMILY, "value": ...}, ...], "topic": str, "split": "train"|"eval",
-     "id": str}   (word_limit adds "relation": "at_most"|"at_least"; arithmetic adds "expr": "7 + 5")
-Simplifications: one phrasing per constraint, answers built from a small hand-written sentence bank, and the judge
-checks form, not truth (except for arithmetic).
+A prompt is a plain request about a topic plus one to three constraints a program can check ('Describe tea. Write
+your whole answer in lowercase letters. Include the word "calm".'). `make` writes, from one seed, SFT
+demonstrations, off-policy preference pairs (chosen = the demonstration, rejected = it with constraints broken), PPO
+prompts, and a held-out eval split whose topics and keywords are disjoint from training. `pairs` pairs the judge's
+best and worst of k samples per prompt from a model (UltraFeedback style). Each row carries its metadata
+({"prompt", "constraints": [{"type": "keyword", "value": "calm"}, ...], "topic", "split", "id"}), so the judge needs
+nothing else. Simplifications: one phrasing per constraint, answers built from a small hand-written sentence bank,
+and the judge checks form, not truth (except for arithmetic).
 """
 import dataclasses
 import json
@@ -31,6 +23,7 @@ from . import cli
 from .answers import reject, render
 from .judge import FAMILIES, has_word, words
 
+USAGE = "python -m nanoalign.tasks {make,pairs} [--help] [flags]"
 TEXT_FAMILIES = FAMILIES[:-1]  # arithmetic always stands alone
 # pairs that cannot hold at once: a bulleted answer is not one quoted string, JSON cannot begin with a phrase, ...
 CONFLICTS = {frozenset(p) for p in [("bullets", "quotes"), ("bullets", "json"), ("quotes", "json"),
@@ -62,8 +55,7 @@ _NEVER_AVOID = _STOP | set(re.findall(r"[a-z]+", " ".join(
 
 def _split(names, every):  # fixed and seed-independent: every `every`-th name in sorted order is held out
     names = sorted(names)
-    return {"train": [n for i, n in enumerate(names) if i % every != every - 1],
-            "eval": [n for i, n in enumerate(names) if i % every == every - 1]}
+    return {"train": [n for i, n in enumerate(names) if i % every != every - 1], "eval": names[every - 1::every]}
 
 
 TOPIC_SPLIT, KEYWORD_SPLIT = _split(TOPICS, 6), _split(KEYWORDS, 5)
@@ -78,10 +70,9 @@ def describe(c: dict) -> str:
     return {"case": f"Write your whole answer in {'lowercase' if v == 'lower' else 'capital'} letters.",
             "keyword": f'Include the word "{v}".', "avoid": f'Do not use the word "{v}".',
             "no_commas": "Do not use any commas.", "start": f'Begin your answer with the exact phrase "{v}"',
-            "end": f'End your answer with the exact phrase "{v}"',
+            "end": f'End your answer with the exact phrase "{v}"', "quotes": "Wrap your whole answer in double quotes.",
             "word_limit": f"Use at {'most' if c.get('relation') == 'at_most' else 'least'} {v} words.",
             "bullets": f'Answer with exactly {v} bullet points that start with "- ".',
-            "quotes": "Wrap your whole answer in double quotes.",
             "json": f'Answer with a JSON object that has the key "{v}".'}[t]
 
 
@@ -102,9 +93,8 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
     recase = {"lower": str.lower, "upper": str.upper}[v["case"]] if "case" in fams else str
     v["start"], v["end"] = recase(rng.choice(START_PHRASES)), recase(rng.choice(END_PHRASES))
     v["json"], relation = rng.choice(JSON_KEYS), rng.choice(("at_most", "at_least"))
-    n = (rng.randint(2, 3 if "avoid" in fams else 4) if "bullets" in fams
-         else rng.randint(2, 3) if "word_limit" in fams and relation == "at_least" else rng.randint(1, 2))
-    v["bullets"] = n
+    v["bullets"] = n = (rng.randint(2, 3 if "avoid" in fams else 4) if "bullets" in fams else rng.randint(2, 3)
+                        if "word_limit" in fams and relation == "at_least" else rng.randint(1, 2))
     pool_words = set(re.findall(r"[a-z]+", " ".join(pool).lower()))
     keywords = [k for k in KEYWORD_SPLIT[split] if k not in pool_words]
     v["keyword"], kw_sentence = rng.choice(keywords), rng.choice(KEYWORD_SENTENCES)
@@ -124,18 +114,13 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
     plan = {"constraints": cons, "body": body, "extras": [s for s in pool if s not in body],
             "avoid_sentence": avoid_sentence, "keyword_sentence": kw_sentence.format(v["keyword"])}
     chosen = render(plan, body)
-    for c in cons:  # the limit is set from the demonstration, rounded to a multiple of 5 on the safe side
-        if c["type"] == "word_limit":
-            wc = len(words(chosen))
-            c["relation"] = relation
-            c["value"] = -(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most" else max(5, wc // 5 * 5)
+    for c in (c for c in cons if c["type"] == "word_limit"):  # from the demonstration, rounded to a safe multiple of 5
+        wc = len(words(chosen))
+        c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
+                                               else max(5, wc // 5 * 5))
     meta = {"prompt": request + " " + " ".join(describe(c) for c in cons), "constraints": cons, "topic": topic,
             "split": split}
     return meta, chosen, reject(rng, plan, meta, chosen, hard)
-
-
-def _arith_split(a: int, op: str, b: int) -> str:  # fixed, so eval problems never appear in training
-    return "eval" if (7 * a + 3 * b + "+-*".index(op)) % 5 == 0 else "train"
 
 
 def _arithmetic_task(rng: random.Random, split: str):
@@ -143,7 +128,7 @@ def _arithmetic_task(rng: random.Random, split: str):
         op = rng.choice("+-*")
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 40), rng.randint(2, 40))
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # no negative answers
-        if _arith_split(a, op, b) == split:
+        if ("eval" if (7 * a + 3 * b + "+-*".index(op)) % 5 == 0 else "train") == split:  # a fixed split
             break
     answer, expr = (a + b if op == "+" else a - b if op == "-" else a * b), f"{a} {op} {b}"
     meta = {"prompt": rng.choice(("What is {}?", "Compute {}.")).format(expr) + " Reply with the number only.",
@@ -154,8 +139,7 @@ def _arithmetic_task(rng: random.Random, split: str):
 
 
 def sample_example(rng: random.Random, split: str, hard: bool = False) -> tuple[dict, str, str]:
-    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response); hard: with
-    --hard-negatives."""
+    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response)."""
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split)
     while (out := _text_task(rng, split, hard)) is None:
@@ -163,18 +147,15 @@ def sample_example(rng: random.Random, split: str, hard: bool = False) -> tuple[
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- files
-def _write_jsonl(path: str, rows: list[dict]):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: readers never see half a file
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)  # readers never see half a file
+    os.replace(path + ".tmp", path)
 
 
 def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
          hard_negatives: bool = False) -> dict[str, int]:
-    """Write sft/prefs/prompts/eval/eval_prefs .jsonl into `out`, deterministically from `seed`; returns rows per file.
-    hard_negatives changes some rejected answers (answers.hard_negative) and nothing else."""
+    """Write the five .jsonl files into `out` from `seed`; -> rows per file. hard_negatives: only rejected change."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -189,49 +170,50 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
             seen.add(meta["prompt"])
             rid, rest = f"{name}-{len(rows)}", {k: meta[k] for k in ("constraints", "topic", "split")}
             if name == "sft":
-                turns = [{"role": "user", "content": meta["prompt"]}, {"role": "assistant", "content": chosen}]
-                rows.append({"messages": turns, **rest, "id": rid})
+                rows.append({"messages": [{"role": "user", "content": meta["prompt"]},
+                                          {"role": "assistant", "content": chosen}], **rest, "id": rid})
             elif name in ("prefs", "eval_prefs"):  # eval_prefs: held-out pairs for RM / DPO accuracy
                 rows.append({"prompt": meta["prompt"], "chosen": chosen, "rejected": rejected, **rest, "id": rid})
             else:  # prompts for PPO; eval rows also keep the demonstration as a reference answer
                 rows.append({**meta, **({"reference": chosen} if name == "eval" else {}), "id": rid})
-        _write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
         counts[name] = len(rows)
     return counts
 
 
 @dataclasses.dataclass
 class MakeConfig:
-    out: str = ""  # output directory for sft.jsonl, prefs.jsonl, prompts.jsonl, eval.jsonl
+    """Write the suite's sft, prefs, prompts, eval and eval_prefs .jsonl into --out, deterministically from --seed."""
+    out: str = ""  # output directory
     seed: int = 0  # everything is a deterministic function of this seed
     n_sft: int = 2000  # SFT demonstrations
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
-    n_eval: int = 200  # held-out eval prompts (disjoint topics and keywords)
+    n_eval: int = 200  # held-out eval prompts (unseen topics and keywords), and as many pairs in eval_prefs.jsonl
     hard_negatives: bool = False  # some rejected answers in an unrequested format, or longer (answers.hard_negative)
 
 
-def _make_main(cfg: MakeConfig) -> dict[str, int]:
+def make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(cfg.out != "", "--out is required")
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
     for f in ("n_sft", "n_prefs", "n_prompts", "n_eval"):
         cli.check(getattr(cfg, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
     counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.hard_negatives)
-    for name, k in counts.items():
-        print(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}")
+    print("\n".join(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}" for name, k in counts.items()))
     return counts
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("make", "pairs"):
-        print("error: usage: python -m nanoalign.tasks make --out DIR [--seed S] ... | pairs --model M --prompts F "
-              "--out F [--k 4] [--label-noise T] [--judge gold|RM_DIR] ...", file=sys.stderr)
+    if argv[:1] == ["make"]:
+        return cli.run(make_main, MakeConfig, argv[1:], prog="python -m nanoalign.tasks make")
+    if argv[:1] == ["pairs"]:
+        from .pairs import PairsConfig, pairs_main  # pairs.py imports this module
+        return cli.run(pairs_main, PairsConfig, argv[1:], prog="python -m nanoalign.tasks pairs")
+    if argv[:1] not in (["-h"], ["--help"]):
+        print(f"error: usage: {USAGE}", file=sys.stderr)
         sys.exit(2)
-    if argv[0] == "pairs":
-        from .pairs import PairsConfig, pairs_main
-        return cli.run(pairs_main, PairsConfig, argv[1:])
-    return cli.run(_make_main, MakeConfig, argv[1:])
+    print(f"usage: {USAGE}\n\n{__doc__.strip()}")
 
 
 if __name__ == "__main__":

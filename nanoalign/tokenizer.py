@@ -1,107 +1,135 @@
-"""Tokenizer wrapper and the ChatML chat template as a Python function (nanochat style).
+"""Tokenizer wrapper and the model's own chat template, written as Python functions (nanochat style).
 
-SmolLM2 renders a conversation as
-    <|im_start|>system\n{content}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n...
-and, like its Jinja template, inserts a default system prompt when the conversation has none. The loss mask covers
-each assistant turn's content *and* its closing <|im_end|>: a model that never sees EOS in the loss never stops.
+The template is the model's own (tokenizer_config.json), recognised by its special tokens and rendered by hand rather
+than by a Jinja engine, so that the renderer knows which tokens are the answer's. The ids equal transformers'
+apply_chat_template on each family's real template (tested), and an unknown template is refused. render_chat's mask
+covers each answer *and* its end-of-turn token: a model that never sees EOS in the loss never stops.
+- ChatML (SmolLM2, Qwen2/2.5, Qwen3): <|im_start|>role\\n...<|im_end|>\\n, with the template's default system prompt.
+  Qwen3 writes a <think>...</think> block before its last answer: that block is context, never a target, and
+  render_prompt opens it empty, as Qwen's enable_thinking=False does (nanoalign trains answers, not reasoning).
+- Llama 3: <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>. 3.1+ open with a dated system header; we use
+  the template's fixed date where 3.2's would take today's, so that a run's tokens never depend on the day.
+- Mistral v0.3: <s>[INST] user[/INST] answer</s>. As in its template, a system prompt joins the final user turn only.
 """
 import json
 import os
 import re
 
+from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from .cli import UserError
 
-ROLES = ("system", "user", "assistant")
-SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MARKERS = {"<|im_start|>": "chatml", "<|start_header_id|>": "llama3", "[INST]": "mistral"}  # template -> family
+SUPPORTED = "ChatML (SmolLM2, Qwen2/2.5/3), Llama 3.x, Mistral v0.3"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def chatml_template(default_system: str | None) -> str:
-    """The Jinja chat template that `render_chat` implements (saved for transformers users)."""
-    head = ""
-    if default_system:
-        head = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system
-                + "<|im_end|>\n' }}{% endif %}")
-    return ("{% for message in messages %}" + head + "{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-            " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-            "{% endif %}")
-
-
-def default_system_from_template(template: str | None) -> str | None:
-    m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template or "")
-    return m.group(1) if m else None
+def _token(t):  # tokenizer_config.json writes a special token as a string or as {"content": ...}
+    return t.get("content") if isinstance(t, dict) else t
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, default_system: str | None = None, model_max_length: int = 8192):
-        self.tok = tok
-        self.default_system = default_system
-        self.model_max_length = model_max_length
-        ids = {s: tok.token_to_id(s) for s in SPECIALS}
-        if ids["<|im_start|>"] is None or ids["<|im_end|>"] is None:
-            raise UserError("tokenizer has no <|im_start|>/<|im_end|> tokens (ChatML is required)")
-        self.bos_id, self.eos_id = ids["<|im_start|>"], ids["<|im_end|>"]
-        self.pad_id = self.eos_id  # as SmolLM2: pad == EOS, so padding is masked by position, never by id
-        self.vocab_size = tok.get_vocab_size()
+    def __init__(self, tok: HFTokenizer, config: dict):
+        """tok: the model's tokenizer.json; config: its tokenizer_config.json (chat_template, bos/eos tokens)."""
+        self.tok, self.config, self.vocab_size = tok, config, tok.get_vocab_size()
+        t = config.get("chat_template") or ""
+        if isinstance(t, list):  # named templates: the default one
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")
+        t = t if isinstance(t, str) else ""
+        self.family = next((f for marker, f in MARKERS.items() if marker in t), None if t else "chatml")
+        if self.family is None or " [/INST]" in t:  # (Mistral v0.1/v0.2 space their [/INST] differently)
+            raise UserError(f"chat_template not recognised (supported: {SUPPORTED})")
+        self.default_system = next(iter(re.findall(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)), None)
+        self.thinking = "<think>" in t  # Qwen3
+        dates = re.findall(r'date_string = "([^"]+)"', t) + ["26 Jul 2024"]  # Llama 3.1+: the template's fixed date
+        self.date = dates[0] if "Cutting Knowledge Date" in t else None
+        self.bos = _token(config.get("bos_token"))
+        self.end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.family, _token(config.get("eos_token")))
+        needs = {"chatml": ["<|im_start|>"], "llama3": [self.bos, "<|start_header_id|>"], "mistral": [self.bos]}
+        for s in needs[self.family] + [self.end]:
+            if not isinstance(s, str) or tok.token_to_id(s) is None:
+                raise UserError(f"tokenizer has no {s} token, which the {self.family} chat template needs"
+                                + ("" if t else " (tokenizer_config.json has no chat_template)"))
+        self.eos_id = self.pad_id = tok.token_to_id(self.end)  # pad == end of turn: padding is masked by position
 
-    # --- text ---------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    # --- chat template ------------------------------------------------------------------------------------------
-    def _render(self, messages, add_generation_prompt: bool):
-        """The rendered string, and the character spans the loss mask covers."""
+    def _chatml(self, msgs, generation):  # each family renders (text, is_target) pieces
+        out = [(f"<|im_start|>system\n{self.default_system}<|im_end|>\n", False)] * bool(
+            self.default_system and msgs[0]["role"] != "system")
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=len(msgs) - 1)
+        for i, m in enumerate(msgs):
+            head, text = f"<|im_start|>{m['role']}\n", m["content"]
+            if m["role"] != "assistant":
+                out.append((f"{head}{text}<|im_end|>\n", False))
+                continue
+            if self.thinking:  # Qwen3: reasoning is kept only after the last user turn, in a block before the answer
+                reasoning = ""
+                if "</think>" in text:
+                    reasoning = text.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    text = text.split("</think>")[-1].lstrip("\n")
+                if i > last_user and (i == len(msgs) - 1 or reasoning):
+                    head, text = head + "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n", text.lstrip("\n")
+            out += [(head, False), (text + "<|im_end|>", True), ("\n", False)]  # the "\n" after <|im_end|> is no target
+        return out + [("<|im_start|>assistant\n" + "<think>\n\n</think>\n\n" * self.thinking, False)] * generation
+
+    def _llama3(self, msgs, generation):
+        out = [(self.bos, False)]
+        if self.date:  # 3.1+: a system header always, holding the first system message (if any)
+            system = msgs[0]["content"].strip() if msgs[0]["role"] == "system" else ""
+            msgs = msgs[1:] if msgs[0]["role"] == "system" else msgs
+            out.append(("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                        f"Today Date: {self.date}\n\n{system}<|eot_id|>", False))
+        for m in msgs:
+            out += [(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False),
+                    (m["content"].strip() + "<|eot_id|>", m["role"] == "assistant")]
+        return out + [("<|start_header_id|>assistant<|end_header_id|>\n\n", False)] * generation
+
+    def _mistral(self, msgs, generation):  # no generation header: a prompt ends with [/INST]
+        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+        msgs, out = msgs[1:] if system is not None else msgs, [(self.bos, False)]
+        for i, m in enumerate(msgs):
+            if m["role"] != ("user", "assistant")[i % 2]:
+                raise ValueError("Mistral's template wants user and assistant turns in turn (after one system turn)")
+            if m["role"] == "user":
+                system_part = f"{system}\n\n" if system is not None and i == len(msgs) - 1 else ""
+                out.append((f"[INST] {system_part}{m['content']}[/INST]", False))
+            else:
+                out.append((" " + m["content"].strip() + self.end, True))
+        return out
+
+    def _render(self, messages, generation: bool):
+        """-> (ids, mask): the pieces joined and tokenized at once; a token is a target if it starts in a target."""
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a non-empty list of message objects")
-        parts, spans, pos = [], [], 0
-        if messages[0].get("role") != "system" and self.default_system:
-            parts.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
-            pos = len(parts[0])
         for m in messages:
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r}")
-            if not isinstance(content, str):
-                raise ValueError(f"content of a {role} turn must be a string")
-            head = f"<|im_start|>{role}\n"
-            if role == "assistant":  # content + <|im_end|> is in the loss, the trailing "\n" is not
-                spans.append((pos + len(head), pos + len(head) + len(content) + len("<|im_end|>")))
-            piece = f"{head}{content}<|im_end|>\n"
-            parts.append(piece)
-            pos += len(piece)
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-        return "".join(parts), spans
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown role {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"content of a {m['role']} turn must be a string")
+        text, spans = "", []
+        for piece, target in getattr(self, "_" + self.family)(messages, generation):
+            spans += [(len(text), len(text) + len(piece))] * target
+            text += piece
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, [int(any(a <= s < b for a, b in spans)) for s, _ in enc.offsets]
 
     def render_chat(self, messages) -> tuple[list[int], list[int]]:
-        """Whole conversation -> (ids, mask); mask is 1 on assistant content and its closing <|im_end|>."""
-        text, spans = self._render(messages, add_generation_prompt=False)
-        enc = self.tok.encode(text, add_special_tokens=False)
-        mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc.offsets]
-        return enc.ids, mask
+        """Whole conversation -> (ids, mask); mask is 1 on assistant content and its end-of-turn token."""
+        return self._render(messages, generation=False)
 
     def render_prompt(self, messages) -> list[int]:
-        """Conversation so far + `<|im_start|>assistant\\n`: what generation continues from."""
+        """Conversation so far + the assistant's header: what generation continues from. A string is one user turn."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self.tok.encode(self._render(messages, add_generation_prompt=True)[0], add_special_tokens=False).ids
-
-    # --- files --------------------------------------------------------------------------------------------------
-    def save(self, out_dir: str, pad_token: str = "<|im_end|>"):
-        self.tok.save(os.path.join(out_dir, "tokenizer.json"))
-        cfg = {
-            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chatml_template(self.default_system),
-            "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": pad_token,
-            "unk_token": "<|endoftext|>", "add_bos_token": False, "add_eos_token": False,
-            "model_max_length": self.model_max_length, "clean_up_tokenization_spaces": False,
-        }
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+        return self._render(messages, generation=True)[0]
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -112,55 +140,61 @@ class Tokenizer:
             tok = HFTokenizer.from_file(tj)
         except Exception as e:
             raise UserError(f"{tj}: not a valid tokenizer.json ({str(e).splitlines()[0][:120]})")
-        template, max_len = None, 8192
-        if os.path.exists(tc):
-            try:
-                with open(tc) as f:
-                    cfg = json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"{tc}: not valid JSON ({e})")
-            template, max_len = cfg.get("chat_template"), cfg.get("model_max_length", 8192)
-            if not isinstance(max_len, int) or max_len > 10**7:
-                max_len = 8192
+        config, jinja = {}, os.path.join(path, "chat_template.jinja")  # where newer transformers save the template
         try:
-            return cls(tok, default_system_from_template(template), max_len)
+            if os.path.exists(tc):
+                with open(tc) as f:
+                    config = json.load(f)
+            if isinstance(config, dict) and not config.get("chat_template") and os.path.exists(jinja):
+                with open(jinja) as f:
+                    config["chat_template"] = f.read()
+        except (OSError, ValueError) as e:
+            raise UserError(f"{tc}: not valid JSON ({e})")
+        if not isinstance(config, dict):
+            raise UserError(f"{tc}: not a JSON object")
+        try:
+            return cls(tok, config)
         except UserError as e:  # name the file
-            raise UserError(f"{tj}: {e}")
+            raise UserError(f"{tc if str(e).startswith('chat_template') else tj}: {e}")
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map used by byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    """GPT-2's reversible byte -> printable-character map used by byte-level BPE: printable bytes stand for
+    themselves, the others (controls, space, ...) for chr(256), chr(257), ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
 def byte_tokenizer() -> Tokenizer:
     """A 259-token byte-level ChatML tokenizer for the random-init presets: 3 specials, then one token per byte."""
-    vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for b, ch in bytes_to_unicode().items():
-        vocab[ch] = len(SPECIALS) + b
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    return Tokenizer(tok, default_system=None, model_max_length=1024)
+    table = bytes_to_unicode()
+    return bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [table[b] for b in range(256)],
+                         [3] * 3 + [1] * 256, [], "smollm", CHATML, bos=1, eos=2)
 
 
-def gguf_tokenizer(tokens: list[str], merges: list[str], specials: list[str], template: str | None) -> Tokenizer:
-    """Rebuild a byte-level BPE tokenizer.json from a GGUF's vocabulary and merges (SmolLM2 / GPT-2 style)."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None))
-    # SmolLM2 splits digits individually, then applies GPT-2's byte-level regex split
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+# llama.cpp's names for the pre-tokenizer regexes of byte-level BPE vocabularies (GGUF's tokenizer.ggml.pre)
+SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+         r"|\s+(?!\S)|\s+")
+PRE = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "qwen2": [pre_tokenizers.Split(Regex(SPLIT % ""),
+       "isolated")], "llama-bpe": [pre_tokenizers.Split(Regex(SPLIT % "{1,3}"), "isolated")]}
+
+
+def bpe_tokenizer(tokens, types, merges, pre: str, template: str | None, bos: int, eos: int) -> Tokenizer:
+    """A byte-level BPE tokenizer (SmolLM2, Qwen2/3, Llama 3) from a vocabulary, GGUF token types (3: control, 4:
+    user-defined, e.g. Qwen3's <think>), merges ("a b") and the name of the pre-tokenizer, as a GGUF file holds them."""
+    if pre not in PRE:
+        raise UserError(f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE)})")
+    merges = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token=None,
+                                 ignore_merges=pre == "llama-bpe"))  # Llama 3 takes a word in the vocabulary whole
+    if pre == "qwen2":  # Qwen normalises text to NFC first
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(PRE[pre] + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                      use_regex=pre == "smollm")])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    return Tokenizer(tok, default_system_from_template(template))
+    tok.add_special_tokens([t for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([t for t, ty in zip(tokens, types) if ty == 4])
+    return Tokenizer(tok, {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template or CHATML,
+                           "bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[eos],
+                           "add_bos_token": False, "clean_up_tokenization_spaces": False})

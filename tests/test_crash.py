@@ -3,10 +3,9 @@ train_state.pt loadable, a SIGKILL at a (seeded) random step loses nothing, and 
 uninterrupted run's log and weights bit for bit; a NaN in the loss or in the gradients stops a run with exit code 1
 and the last good state, or with --skip-nonfinite is skipped and counted; log-probs stay fp32 under bf16 autocast.
 
-The faults come from environment hooks in nanoalign/loop.py: NANOALIGN_CRASH_IN_SAVE=STEP (SIGKILL with the
-temporary file of that save half-written), NANOALIGN_KILL_AT_STEP=N, NANOALIGN_INJECT_NAN_STEP=N (loss, in the
-scripts) and NANOALIGN_INJECT_NAN_GRAD_STEP=N. The killed runs are real subprocesses; the straight and resumed runs
-run in-process (1 thread, as the subprocesses), which keeps the file well under a minute and a half."""
+The faults are patched in from outside by tests/fault_driver.py (the scripts carry no test hooks): the killed runs
+are real subprocesses of the driver; the NaN runs, the straight and the resumed runs run in-process (1 thread, as
+the subprocesses), with the driver's patches applied through monkeypatch."""
 import json
 import os
 import random
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fault_driver
 from conftest import ONE_THREAD, ROOT, run_cli
 
 sys.path.insert(0, ROOT)
@@ -29,6 +29,7 @@ from nanoalign import hub, loop  # noqa: E402
 from nanoalign.checkpoint import load_train_state  # noqa: E402
 from nanoalign.cli import parse_cli  # noqa: E402
 from nanoalign.logprobs import token_logprobs  # noqa: E402
+from nanoalign.packing import pair_logprobs  # noqa: E402
 from test_dpo import write_prefs  # noqa: E402
 from test_ppo import write_prompts  # noqa: E402
 from test_sft import write_sft  # noqa: E402
@@ -72,9 +73,9 @@ def run_in_process(name, argv):
     return mod.main(parse_cli(mod.Config, argv))
 
 
-def run_killed(name, argv, env):
-    """The real script in a subprocess, with a fault hook in its environment."""
-    return run_cli([f"train_{name}.py", *argv], env={**ONE_THREAD, **env}, timeout=180)
+def run_killed(name, argv, faults):
+    """The real script in a subprocess of the fault driver."""
+    return run_cli(["tests/fault_driver.py", faults, f"train_{name}.py", *argv], env=ONE_THREAD, timeout=180)
 
 
 def log_rows(out):
@@ -127,7 +128,7 @@ def assert_same_run(out, reference):
 def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_state_and_resume_is_exact(name, data, straight):
     out = data / f"save-{name}"
     argv = flags(name, data, out)
-    r = run_killed(name, argv, {"NANOALIGN_CRASH_IN_SAVE": "4"})  # the save of step 4 dies half-way
+    r = run_killed(name, argv, "crash-in-save=4")  # the save of step 4 dies half-way
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     assert load_train_state(str(out))["step"] == 2  # the previous state is intact and loads
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
@@ -151,7 +152,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(name
     kill = random.Random(f"kill-{name}").randint(3, STEPS)  # seeded: the same step on every run of the test
     out = data / f"kill-{name}"
     argv = flags(name, data, out)
-    r = run_killed(name, argv, {"NANOALIGN_KILL_AT_STEP": str(kill)})
+    r = run_killed(name, argv, f"kill={kill}")
     assert r.returncode == -signal.SIGKILL, (kill, r.returncode, r.stderr[-2000:])
     saved = (kill - 1) // SAVE * SAVE
     assert load_train_state(str(out))["step"] == saved
@@ -165,7 +166,6 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(name
 # --- NaN in the loss or in the gradients --------------------------------------------------------------------------
 # (SFT's NaN loss is covered in test_sft.py and PPO's in test_ppo.py; here the rest)
 NAN_CASES = [("rm", "loss"), ("dpo", "loss"), ("sft", "grad"), ("rm", "grad"), ("dpo", "grad"), ("ppo", "grad")]
-NAN_ENV = {"loss": "NANOALIGN_INJECT_NAN_STEP", "grad": "NANOALIGN_INJECT_NAN_GRAD_STEP"}
 
 
 def guarded(name, argv, monkeypatch, capsys):
@@ -183,7 +183,7 @@ def guarded(name, argv, monkeypatch, capsys):
 @pytest.mark.parametrize("name,where", NAN_CASES)
 def test_nan_stops_with_exit_1_naming_the_step_and_keeps_the_last_good_state(name, where, tmp_path, data,
                                                                               monkeypatch, capsys):
-    monkeypatch.setenv(NAN_ENV[where], "3")
+    fault_driver.install(f"nan-{where}=3", monkeypatch.setattr)
     out = tmp_path / "o"
     code, err = guarded(name, flags(name, data, out), monkeypatch, capsys)
     assert code == 1, err
@@ -199,7 +199,7 @@ def test_nan_stops_with_exit_1_naming_the_step_and_keeps_the_last_good_state(nam
 
 @pytest.mark.parametrize("name,where", NAN_CASES)
 def test_skip_nonfinite_skips_counts_and_finishes(name, where, tmp_path, data, monkeypatch, capsys):
-    monkeypatch.setenv(NAN_ENV[where], "3")
+    fault_driver.install(f"nan-{where}=3", monkeypatch.setattr)
     out = tmp_path / "o"
     code, err = guarded(name, flags(name, data, out, "--skip-nonfinite"), monkeypatch, capsys)
     assert code == 0, err
@@ -215,7 +215,7 @@ def test_skip_nonfinite_skips_counts_and_finishes(name, where, tmp_path, data, m
     assert all(torch.isfinite(w).all() for f in final_files(out).values() for w in f.values())
 
 
-# --- pitfall 4: log-probs stay fp32 under bf16 autocast, in every script's forward path ---------------------------
+# --- log-probs and rewards stay fp32 under bf16 autocast, in every script's forward path --------------------------
 def test_script_forward_paths_keep_logprobs_fp32_under_bf16(tiny):
     model, tok = tiny
     ids = torch.tensor([tok.encode("hello there, how are you?")[:12]] * 2)
@@ -231,17 +231,22 @@ def test_script_forward_paths_keep_logprobs_fp32_under_bf16(tiny):
     batch = {"input_ids": ids, "attention_mask": att, "loss_mask": mask, "response_mask": mask}
     loss = train_sft.batch_loss(model, batch, mask[:, 1:].sum(), train_sft.Config(bf16=True), "cpu")
     assert loss.dtype == torch.float32
-    logps, lengths = train_dpo.sequence_logps(model, batch, train_dpo.Config(bf16=True), "cpu")
-    assert logps.dtype == torch.float32 and lengths.dtype == torch.float32
-    torch.testing.assert_close(logps, lp.sum(-1))
+    torch.testing.assert_close(loss, -lp.sum() / mask[:, 1:].sum())  # the same bf16 trunk, the same fp32 sum
+    with train_dpo.autocast(train_dpo.Config(bf16=True), "cpu"):  # DPO's path: (chosen, rejected) = rows 0, 1
+        chosen, rejected = pair_logprobs(model, batch)
+    assert chosen.dtype == rejected.dtype == torch.float32
+    torch.testing.assert_close(torch.cat([chosen, rejected]), lp.sum(-1))
 
     rm, _ = hub.load("tiny")
     rm.add_score_head()
-    assert train_rm.rewards_of(rm, batch, "cpu", bf16=True).dtype == torch.float32
+    chosen, rejected = train_rm.rewards_of(rm, batch, "cpu", bf16=True)
+    fp32 = torch.cat(train_rm.rewards_of(rm, batch, "cpu"))
+    assert chosen.dtype == torch.float32 and 0 < (torch.cat([chosen, rejected]) - fp32).abs().max() < 0.1
 
     head = torch.nn.Linear(model.cfg.hidden_size, 1)
     P = 6
-    logprobs, values, _ = train_ppo.forward(model, head, ids, att, P, mask[:, P:], 0.7, bf16=True)
+    x = train_ppo.Samples(ids, att, mask[:, P:], P)
+    logprobs, values, _ = train_ppo.forward(model, head, x, 0.7, bf16=True)
     assert logprobs.dtype == torch.float32 and values.dtype == torch.float32
-    fp32, _, _ = train_ppo.forward(model, head, ids, att, P, mask[:, P:], 0.7, bf16=False)
+    fp32, _, _ = train_ppo.forward(model, head, x, 0.7, bf16=False)
     assert 0 < (logprobs - fp32).abs().max() < 0.5  # bf16 trunk, fp32 log-probs of it

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoalign.cli import UserError
-from nanoalign.data import collate_sft, read_sft, tokenize_sft
+from nanoalign.data import collate_sft, read_prefs, read_prompts, read_sft, tokenize_sft
 from nanoalign.packing import collate_packed, pack_sft
 from nanoalign.logprobs import token_logprobs
 from nanoalign.tokenizer import byte_tokenizer
@@ -199,6 +199,30 @@ def test_malformed_input_is_a_user_error_naming_file_and_line(tmp_path, raw, lin
     msg = str(e.value)
     assert msg.startswith(f"{p}:{line}: " if line else f"{p}: "), msg
     assert what in msg and "\n" not in msg
+
+
+def test_each_reader_hints_at_the_script_a_file_of_another_kind_is_for(tmp_path):
+    sft = write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(UserError) as e:
+        read_prefs(sft)
+    assert str(e.value) == (f"{sft}:1: missing field 'chosen' (expected a preference row: prompt, chosen, rejected) "
+                            "(this looks like an SFT file; use train_sft.py)")
+    prefs = write(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}], "p.jsonl")
+    with pytest.raises(UserError, match=r"p.jsonl:1: missing field 'messages' \(this looks like a preference file"):
+        read_sft(prefs)
+    prompts = write(tmp_path, [{"prompt": "a"}], "q.jsonl")
+    with pytest.raises(UserError) as e:  # a prompts file is no SFT file either: no hint
+        read_prefs(prompts)
+    assert "missing field 'chosen'" in str(e.value) and "looks like" not in str(e.value)
+
+
+def test_no_file_given_names_the_flag():
+    with pytest.raises(UserError, match=r"^--data is required"):
+        read_sft("")
+    with pytest.raises(UserError, match=r"^--eval-data is required"):
+        read_prefs("", "--eval-data")
+    with pytest.raises(UserError, match=r"^--prompts is required"):
+        read_prompts("")
 
 
 def test_missing_file_and_byte_order_mark(tmp_path):

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -110,17 +109,17 @@ def test_local_rows_pick_this_ranks_rows_of_a_global_minibatch():
     assert local_rows(minibatch, k, 0, 1).tolist() == minibatch.tolist()  # one process: all of them
 
 
-def test_killed_rank_ends_the_job_quickly_with_a_message(tmp_path):
-    """Rank 1 is SIGKILLed in step 2. Rank 0's next collective fails (gloo sees the closed connection; a hung peer
-    would hit NANOALIGN_DIST_TIMEOUT) and torchrun stops the job and names the rank that died."""
+def test_killed_rank_ends_the_job_with_a_message(tmp_path):
+    """Rank 1 is SIGKILLed in step 2 (tests/fault_driver.py is each rank's entry point). Rank 0's next collective
+    fails (gloo sees the closed connection; a hung peer would hit the 20 s timeout) and torchrun stops the job and
+    names the rank that died: it ends well inside run_cli's timeout instead of hanging."""
     data = write_sft(tmp_path / "sft.jsonl", n=8)
     out = tmp_path / "o"
-    t0 = time.time()
-    r = two_processes("train_sft.py", ["--init", "tiny", "--data", data, "--out", str(out), "--device", "cpu",
-                                       "--max-steps", "6", "--batch-size", "2", "--log-every", "1", "--save-every", "1"],
-                      env={"NANOALIGN_KILL_RANK_AT_STEP": "1:2", "NANOALIGN_DIST_TIMEOUT": "20"}, timeout=120)
-    elapsed = time.time() - t0
-    assert r.returncode != 0 and elapsed < 60, (r.returncode, elapsed)
+    r = two_processes("tests/fault_driver.py", ["kill=2@1,dist-timeout=20", "train_sft.py", "--init", "tiny", "--data",
+                                                 data, "--out", str(out), "--device", "cpu", "--max-steps", "6",
+                                                 "--batch-size", "2", "--log-every", "1", "--save-every", "1"],
+                      timeout=120)
+    assert r.returncode != 0
     assert "SIGKILL" in r.stderr and "rank      : 1" in r.stderr, r.stderr[-3000:]  # torchrun's root cause
     assert not (out / "model.safetensors").exists()
     assert load_train_state(str(out))["step"] == 1  # the last state saved before the kill is intact

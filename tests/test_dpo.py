@@ -1,6 +1,7 @@
-"""train_dpo.py on the tiny random model: DPO starts at ln 2, learns a separable preference and generalises to
-held-out prompts, every --loss lowers its loss, log-probs ignore padding and batch order, resume is bit-exact,
---precompute-ref equals the live reference, and bad input is one error line. Plus the preference collation."""
+"""train_dpo.py on the tiny random model: every --loss starts at its hand-worked value (DPO at ln 2) and learns a
+separable preference, DPO generalises to held-out prompts, the prompt-shared and two-row layouts train alike, grad
+accumulation and DDP equal one big batch, resume is bit-exact, --precompute-ref equals the live reference, and bad
+input is one error line. Plus the preference tokenization and collation (the shared layout: tests/test_packing.py)."""
 import dataclasses
 import json
 import math
@@ -14,15 +15,15 @@ import torch
 from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 
 sys.path.insert(0, ROOT)
+import fault_driver  # noqa: E402
 import train_dpo  # noqa: E402
 from nanoalign import hub  # noqa: E402
+from nanoalign.cli import UserError  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
-from nanoalign.packing import collate_shared  # noqa: E402
-from nanoalign.prefs import collate_pairs, collate_unpaired, pairs_to_unpaired  # noqa: E402
-from nanoalign.prefs import tokenize_prefs  # noqa: E402
-from nanoalign.prefs import tokenize_unpaired  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.lora import apply_lora  # noqa: E402
+from nanoalign.packing import collate_shared  # noqa: E402
+from nanoalign.prefs import collate_pairs, collate_unpaired, read_kto, tokenize_prefs  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402
 
 
@@ -108,11 +109,14 @@ def test_long_rows_keep_the_prompt_and_lose_the_response_tail(tmp_path):
     assert b["response_mask"][0].sum() == 40 - len(ex[0]["prompt"])
 
 
-def test_kto_mismatched_batch_pairs_prompt_i_with_completion_i_plus_1(tmp_path):
+def test_kto_rows_from_pairs_and_the_mismatched_batch_pairs_prompt_i_with_completion_i_plus_1(tmp_path):
     tok = byte_tokenizer()
-    rows = pairs_to_unpaired(read_prefs(write_prefs(tmp_path / "p.jsonl", n=2)))
-    ex = tokenize_unpaired(tok, rows, 128)
-    b = collate_unpaired(ex, tok.pad_id, 128, mismatched=True)
+    pairs = read_prefs(write_prefs(tmp_path / "p.jsonl", n=2))
+    rows = read_kto(str(tmp_path / "p.jsonl"))  # each pair -> its chosen (label true), then its rejected
+    assert [(r["completion"], r["label"]) for r in rows] == [(pairs[0]["chosen"], True), (pairs[0]["rejected"], False),
+                                                            (pairs[1]["chosen"], True), (pairs[1]["rejected"], False)]
+    ex = tokenize_prefs(tok, rows, 128)
+    b = collate_unpaired(ex, tok.pad_id, 128)
     assert b["labels"].tolist() == [True, False, True, False]
     for i, e in enumerate(ex):
         nxt = ex[(i + 1) % len(ex)]["completion"]
@@ -121,90 +125,70 @@ def test_kto_mismatched_batch_pairs_prompt_i_with_completion_i_plus_1(tmp_path):
         assert b["kl_response_mask"][i].sum() == len(nxt)
 
 
-def test_collate_shared_puts_prompt_chosen_rejected_in_one_row_hand_worked():
-    ex = [{"prompt": [10, 11, 12], "chosen": [20, 21], "chosen_mask": [1, 1], "rejected": [30], "rejected_mask": [1]},
-          {"prompt": [13], "chosen": [22], "chosen_mask": [1], "rejected": [31, 32, 33], "rejected_mask": [0, 1, 1]}]
-    b = collate_shared(ex, 2, 128, multiple_of=4)  # pad id 2, rows rounded up to 8
-    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 2, 2], [13, 22, 31, 32, 33, 2, 2, 2]]
-    # row 0: the chosen tokens (3, 4) see the prompt and each other; the rejected token (5) sees only the prompt
-    # and itself; padding sees only itself
-    assert b["attention_mask"][0, 0].int().tolist() == [
-        [1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0, 0, 1]]
-    # both responses continue from the prompt's end: rejected restarts at position len(prompt)
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 0], [0, 1, 1, 2, 3, 0, 0, 0]]
-    assert b["branch_ids"].tolist() == [[0, 0, 0, 1, 1, 2, -1, -1], [0, 1, 2, 2, 2, -1, -1, -1]]
-    assert b["response_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 0, 1, 1, 0, 0, 0]]
-    # each response's first token is predicted from the prompt's last token, every other token from the one before
-    assert b["prev_index"][0, :6].tolist() == [0, 0, 1, 2, 3, 2]
-    assert b["prev_index"][1, :5].tolist() == [0, 0, 0, 2, 3]
-    assert b["last_index"].tolist() == [[4, 5], [1, 4]]
-    # --max-len cuts each response to max_len - len(prompt), as collate_pairs does
-    cut = collate_shared(ex, 2, 4)
-    assert cut["input_ids"][0, :5].tolist() == [10, 11, 12, 20, 30] and cut["response_mask"][0].sum() == 2
+# --- the losses on the real model --------------------------------------------------------------------------------
+def naive_logps(model, ex, tok):
+    """(chosen, rejected) summed and per-token-average log-probs, each (B,), from the full (B, T, V) logits of each
+    pair's two rows: an independent path to what packing.pair_logprobs computes."""
+    b = collate_pairs(ex, tok.pad_id, 128)
+    ids, resp = b["input_ids"], b["response_mask"][:, 1:]
+    with torch.no_grad():
+        lp = model(ids, b["attention_mask"])[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    sums, n = (lp * resp).sum(-1), resp.sum(-1)
+    return sums.chunk(2), (sums / n).chunk(2)
 
 
-# --- the loss and the log-probs ---------------------------------------------------------------------------------
 def test_dpo_loss_is_ln2_for_every_pair_when_policy_equals_reference(tmp_path):
     model, tok = hub.load("tiny")
     apply_lora(model, 4, 8.0)  # a fresh adapter (B = 0): the policy IS the reference
-    c = cfg(tmp_path, "x")
-    batch = collate_pairs(tokenize_prefs(tok, read_prefs(write_prefs(tmp_path / "prefs.jsonl", n=5)), 128),
-                          tok.pad_id, 128)
-    logps, lengths = train_dpo.sequence_logps(model, batch, c, "cpu")
-    ref = train_dpo.reference_logps(model, None, batch, c, "cpu")
-    losses, chosen, rejected = train_dpo.pair_losses("sigmoid", c, logps, lengths, ref)
-    assert torch.allclose(losses, torch.full((5,), math.log(2)), atol=1e-6)
-    assert chosen.abs().max() < 1e-6 and rejected.abs().max() < 1e-6
-    # RPO: + α times the chosen response's token-average NLL, here worked from the per-token log-probs
-    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    logits = model(ids, att)[:, :-1].float()
-    tok_lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
-    nll = -(tok_lp.sum(1) / resp[:, 1:].sum(1))[:5]  # the chosen half
-    rpo, _, _ = train_dpo.pair_losses("sigmoid", dataclasses.replace(c, rpo_alpha=0.5), logps, lengths, ref)
-    torch.testing.assert_close(rpo, math.log(2) + 0.5 * nll, atol=1e-5, rtol=0)
-    # ... and the first logged loss of a real run is ln 2 too
-    m = train_dpo.main(cfg(tmp_path, "run", max_steps=1))
-    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    ex = tokenize_prefs(tok, read_prefs(write_prefs(tmp_path / "prefs.jsonl", n=5)), 128)
+    for collate in (collate_shared, collate_pairs):
+        batch = collate(ex, tok.pad_id, 128)
+        losses, chosen, rejected = train_dpo.pair_losses(model, model, batch, ex, cfg(tmp_path, "x"))
+        assert torch.allclose(losses, torch.full((5,), math.log(2)), atol=1e-6)
+        assert chosen.abs().max() < 1e-6 and rejected.abs().max() < 1e-6
+    # RPO: + α times the chosen response's token-average NLL, here from the full logits
+    _, (chosen_avg, _) = naive_logps(model, ex, tok)
+    rpo, _, _ = train_dpo.pair_losses(model, model, batch, ex, cfg(tmp_path, "x", rpo_alpha=0.5))
+    torch.testing.assert_close(rpo.double(), math.log(2) - 0.5 * chosen_avg, atol=1e-5, rtol=0)
 
 
-def test_logprobs_ignore_extra_padding_and_batch_order(tmp_path):
+def expected_first_loss(loss, c):
+    """The mean loss of the first step, worked by hand: the policy still equals π_ref (a fresh adapter), so every
+    log-ratio is 0; the reference-free simpo and orpo need the (independently computed) average log-probs."""
     model, tok = hub.load("tiny")
-    c = cfg(tmp_path, "x")
-    ex = tokenize_prefs(tok, read_prefs(write_prefs(tmp_path / "prefs.jsonl", n=4)), 128)
-    with torch.no_grad():
-        base, lengths = train_dpo.sequence_logps(model, collate_pairs(ex, tok.pad_id, 128), c, "cpu")  # (8,)
-        padded, _ = train_dpo.sequence_logps(model, collate_pairs(ex, tok.pad_id, 128, multiple_of=96), c, "cpu")
-        order = [2, 0, 3, 1]
-        shuffled, _ = train_dpo.sequence_logps(model, collate_pairs([ex[i] for i in order], tok.pad_id, 128), c, "cpu")
-        alone = torch.cat([train_dpo.sequence_logps(model, collate_pairs([e], tok.pad_id, 128), c, "cpu")[0]
-                           for e in ex]).view(4, 2).T.reshape(-1)  # (chosen..., rejected...)
-    torch.testing.assert_close(padded, base, atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone, base, atol=1e-5, rtol=0)
-    idx = torch.tensor(order + [4 + i for i in order])
-    torch.testing.assert_close(shuffled, base[idx], atol=1e-5, rtol=0)
-    assert lengths.tolist() == [len(e["chosen"]) for e in ex] + [len(e["rejected"]) for e in ex]
+    _, (chosen, rejected) = naive_logps(model, tokenize_prefs(tok, read_prefs(c.data), 128), tok)
+    if loss == "simpo":  # −log σ(β·(avg_w − avg_l) − γ)
+        return float(-torch.nn.functional.logsigmoid(c.beta * (chosen - rejected) - c.simpo_gamma).mean())
+    if loss == "orpo":  # NLL(y_w) − λ·log σ(log odds_w − log odds_l), odds = p / (1 − p)
+        odds = [x - torch.log(-torch.expm1(x)) for x in (chosen, rejected)]
+        return float((-chosen - c.orpo_lambda * torch.nn.functional.logsigmoid(odds[0] - odds[1])).mean())
+    # h = 0: DPO, cDPO and robust DPO are ln 2 for any ε; IPO is (0 − 1/(2β))²; KTO is 1 − σ(0), as z0 = 0
+    return {"ipo": (1 / (2 * c.beta)) ** 2, "kto": 0.5}.get(loss, math.log(2))
 
 
-@pytest.mark.parametrize("max_len", [128, 40])
-def test_shared_prompt_rows_give_the_two_row_logprobs_and_gradients(tmp_path, max_len):
-    model, tok = hub.load("tiny")
-    apply_lora(model, 4, 8.0)
-    with torch.no_grad():  # a non-zero adapter, so the gradients reach every LoRA matrix
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-    c = cfg(tmp_path, "x")
-    ex = tokenize_prefs(tok, read_prefs(write_prefs(tmp_path / "prefs.jsonl", n=6)), max_len, verbose=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    two, n_two = train_dpo.sequence_logps(model, collate_pairs(ex, tok.pad_id, max_len), c, "cpu")  # (2B,)
-    g_two = torch.autograd.grad(two.sum(), params)
-    one, n_one = train_dpo.sequence_logps(model, collate_shared(ex, tok.pad_id, max_len, 8), c, "cpu")  # B rows
-    g_one = torch.autograd.grad(one.sum(), params)
-    torch.testing.assert_close(one, two, atol=1e-4, rtol=1e-5)
-    assert n_one.tolist() == n_two.tolist()
-    for a, b in zip(g_one, g_two):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("cdpo", {"label_smoothing": 0.1}),
+                                        ("robust", {"label_smoothing": 0.2}), ("ipo", {"beta": 0.5}),
+                                        ("simpo", {"beta": 2.0}), ("orpo", {}), ("kto", {"batch_size": 16})])
+def test_every_loss_starts_at_its_hand_worked_value_and_learns_the_preference(tmp_path, loss, extra):
+    write_prefs(tmp_path / "prefs.jsonl", n=8)  # the global batch is the whole set: every step sees the same rows
+    c = cfg(tmp_path, loss, loss=loss, max_steps=8, **{"batch_size": 8, **extra})
+    m = train_dpo.main(c)
+    steps = log(c.out)
+    assert steps[1]["loss"] == pytest.approx(expected_first_loss(loss, c), abs=1e-5)
+    # every variant ends up ranking each chosen response above its rejected one (kto, whose rows are unpaired and
+    # measured against z0: most rewards of the label's sign), from a tie (0) or, reference-free, from chance
+    assert steps[8]["accuracy"] >= (0.75 if loss == "kto" else 1.0) > steps[1]["accuracy"], (loss, steps[8])
+    assert steps[8]["margin"] > steps[1]["margin"], (loss, steps[8])
+    assert m["train_examples"] == (16 if loss == "kto" else 8)  # kto: each pair is two unpaired rows
+
+
+def test_kto_reads_unpaired_rows(tmp_path):
+    p = tmp_path / "kto.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)} for i in range(8)]
+    p.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    m = train_dpo.main(cfg(tmp_path, "k", data=str(p), loss="kto", batch_size=8, max_steps=4))
+    assert m["train_examples"] == 8 and m["first_loss"] == pytest.approx(0.5, abs=1e-6)  # 1 − σ(0) at π = π_ref
+    assert m["loss"] < 0.5 and m["chosen_rewards"] > 0 > m["rejected_rewards"]
 
 
 def test_share_prompt_run_follows_the_two_row_run(tmp_path):
@@ -215,7 +199,7 @@ def test_share_prompt_run_follows_the_two_row_run(tmp_path):
     for step in (1, 2, 3):
         for key in ("loss", "margin", "chosen_rewards", "rejected_rewards"):
             assert a[step][key] == pytest.approx(b[step][key], abs=2e-4), (step, key)
-    assert shared["loss"] < shared["first_loss"]
+    assert shared["margin"] > 0.01  # and they did move
 
 
 # --- end to end ------------------------------------------------------------------------------------------------
@@ -224,34 +208,13 @@ def test_dpo_learns_the_preference_and_generalises_to_held_out_prompts(tmp_path)
     ev = write_prefs(tmp_path / "eval.jsonl", n=12, topics=EVAL_TOPICS, seed=1)
     before = train_dpo.main(cfg(tmp_path, "before", max_steps=1, lr=1e-9, eval_data=ev))
     after = train_dpo.main(cfg(tmp_path, "after", max_steps=25, batch_size=8, lr=1e-2, eval_data=ev, log_every=5))
-    assert abs(before["eval_margin"]) < 1e-4 and before["eval_accuracy"] < 0.5  # π ≈ π_ref: no preference yet
+    assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)  # π ≈ π_ref: no preference yet
     assert after["eval_accuracy"] >= 0.9, after
     assert after["eval_margin"] > 0.5 and after["eval_chosen_rewards"] > after["eval_rejected_rewards"]
-    assert after["loss"] < after["first_loss"] - 0.3
+    assert after["eval_loss"] < math.log(2) - 0.2 and after["loss"] < after["first_loss"] - 0.3
     assert (tmp_path / "after" / "adapter" / "adapter_model.safetensors").exists()
     rows = log(str(tmp_path / "after"))
     assert {"loss", "accuracy", "margin", "chosen_rewards", "rejected_rewards", "tokens_per_s"} <= set(rows[25])
-
-
-@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("cdpo", {"label_smoothing": 0.1}),
-                                        ("robust", {"label_smoothing": 0.1}), ("ipo", {"beta": 0.5}),
-                                        ("simpo", {"beta": 2.0}), ("orpo", {}), ("kto", {"batch_size": 16})])
-def test_every_loss_runs_and_decreases(tmp_path, loss, extra):
-    write_prefs(tmp_path / "prefs.jsonl", n=8)  # the global batch is the whole set: every step sees the same rows
-    kw = {"batch_size": 8, **extra}
-    m = train_dpo.main(cfg(tmp_path, loss, loss=loss, max_steps=6, **kw))
-    steps = log(str(tmp_path / loss))
-    assert sorted(steps) == list(range(1, 7))
-    assert all(math.isfinite(s["loss"]) for s in steps.values())
-    assert m["loss"] < m["first_loss"] - 1e-3, (loss, [s["loss"] for s in steps.values()])
-
-
-def test_kto_reads_unpaired_rows(tmp_path):
-    p = tmp_path / "kto.jsonl"
-    rows = [{"prompt": f"q{i}", "completion": "yes" if i % 2 else "no", "label": bool(i % 2)} for i in range(8)]
-    p.write_text("\n".join(map(json.dumps, rows)) + "\n")
-    m = train_dpo.main(cfg(tmp_path, "k", data=str(p), loss="kto", batch_size=8, max_steps=4))
-    assert m["train_examples"] == 8 and m["loss"] < m["first_loss"]
 
 
 def test_grad_accum_and_micro_batches_give_the_same_steps(tmp_path):
@@ -268,10 +231,10 @@ def test_resume_follows_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     write_prefs(tmp_path / "prefs.jsonl", n=12)
     kw = dict(max_steps=6, save_every=3, lora_dropout=0.2, warmup=2, batch_size=3, grad_accum=2)  # dropout: RNG too
     train_dpo.main(cfg(tmp_path, "straight", **kw))
-    monkeypatch.setenv("NANOALIGN_INJECT_NAN_STEP", "5")  # dies at step 5; train_state.pt holds step 3
+    fault_driver.install("nan-loss=5", monkeypatch.setattr)  # the run dies at step 5; train_state.pt holds step 3
     with pytest.raises(TrainingError, match="non-finite loss"):
         train_dpo.main(cfg(tmp_path, "resumed", **kw))
-    monkeypatch.delenv("NANOALIGN_INJECT_NAN_STEP")
+    monkeypatch.undo()
     assert not (tmp_path / "resumed" / "model.safetensors").exists()  # the last good state is all that is left
     train_dpo.main(cfg(tmp_path, "resumed", resume=True, **kw))
     straight, resumed = log(str(tmp_path / "straight")), log(str(tmp_path / "resumed"))
@@ -317,4 +280,16 @@ def test_prompts_only_file_is_one_error_line_and_exit_2(tmp_path):
     p.write_text(json.dumps({"prompt": "Write a haiku."}) + "\n")
     r = run_cli(["train_dpo.py", "--init", "tiny", "--data", str(p), "--out", str(tmp_path / "o")], env=ONE_THREAD)
     assert_user_error(r, "prompts.jsonl:1", "missing field 'chosen'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_sft_file_or_a_flag_that_does_not_apply_is_a_one_line_hint(tmp_path):
+    p = tmp_path / "sft.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                 + "\n")
+    with pytest.raises(UserError, match=r"sft.jsonl:1: missing field 'chosen'.*use train_sft.py"):
+        train_dpo.main(cfg(tmp_path, "o", data=str(p)))
+    write_prefs(tmp_path / "prefs.jsonl", n=4)
+    with pytest.raises(UserError, match="--label-smoothing does not apply to --loss ipo"):
+        train_dpo.main(cfg(tmp_path, "o", loss="ipo", label_smoothing=0.1))
     assert not (tmp_path / "o").exists()

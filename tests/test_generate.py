@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run_cli
-from nanoalign.generate import PackedLinear, generate, generate_texts, left_pad, sample_next, sampling_copy
-from nanoalign.lora import apply_lora, lora_layers
+from nanoalign.generate import filter_logits, generate, generate_texts, sample_next
 from nanoalign.model import ModelConfig, PRESETS, Transformer
 
 NEVER = -1  # an eos_id no token can equal: generation runs the full max_new_tokens
@@ -28,12 +27,6 @@ def greedy_no_cache(model, prompt, n):
     for _ in range(n):
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
-
-
-def test_left_pad_puts_padding_on_the_left():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=2)
-    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_greedy_with_kv_cache_equals_greedy_without_cache():
@@ -140,8 +133,40 @@ def test_sample_next_top_k_and_top_p_keep_the_right_tokens():
 
 
 def test_sample_next_with_given_uniforms_inverts_the_cdf():
-    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(4, 3)  # cdf 0.2, 0.7, 1.0
-    assert sample_next(probs.log(), 1.0, uniforms=torch.tensor([0.1, 0.3, 0.69, 0.75])).tolist() == [0, 1, 1, 2]
+    # four equal logits: p = 1/4 each and the cdf 0.25, 0.5, 0.75, 1 exactly. Token i owns [cdf[i-1], cdf[i])
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.7499, 0.75, 0.9999])
+    assert sample_next(torch.zeros(7, 4), 1.0, uniforms=u).tolist() == [0, 0, 1, 2, 2, 3, 3]
+
+
+def test_u_at_zero_never_picks_a_token_of_probability_zero():
+    u0 = torch.zeros(1)
+    assert sample_next(torch.tensor([[float("-inf"), 0.0, 0.0]]), 1.0, uniforms=u0).tolist() == [1]
+    # top-k removes token 0 (the least likely); u = 0 must land on the first kept token, not on it
+    assert sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_k=2, uniforms=u0).tolist() == [1]
+    assert sample_next(torch.tensor([[0.0, 1.0, 2.0]]), 1.0, top_p=0.5, uniforms=u0).tolist() == [2]
+
+
+def test_top_p_drops_a_token_whose_preceding_mass_equals_top_p():
+    # four equal logits: the tokens ranked above each one hold 0, 1/4, 1/2 and 3/4 of the mass, exactly
+    kept = lambda top_p: int(filter_logits(torch.zeros(1, 4), top_p=top_p).isfinite().sum())
+    assert kept(0.5) == 2  # the third token's preceding mass is exactly 0.5: it is not needed to reach 0.5
+    assert kept(0.5001) == 3 and kept(0.25) == 1 and kept(0.2499) == 1 and kept(0.7501) == 4
+
+
+def test_top_k_and_top_p_keep_the_tokens_transformers_keeps():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_k, top_p in [(5, 1.0), (0, 0.3), (0, 0.9), (10, 0.8), (1, 1.0), (0, 0.5)]:
+        want = logits
+        if top_k:
+            want = transformers.TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1:
+            want = transformers.TopPLogitsWarper(top_p)(None, want)
+        got = filter_logits(logits, top_k, top_p)
+        assert torch.equal(got.isfinite(), want.isfinite()), (top_k, top_p)
+        assert torch.equal(got[got.isfinite()], logits[got.isfinite()])  # kept logits are left as they were
+    hf = transformers.TopPLogitsWarper(0.5)(None, torch.zeros(1, 4))  # and the exact boundary case above
+    assert int(hf.isfinite().sum()) == 2
 
 
 def test_uniforms_make_each_row_independent_of_its_batch_mates():
@@ -164,85 +189,6 @@ def test_generate_restores_training_mode_and_clears_cache(tiny):
     generate(model, prompts_of([3]), 4, eos_id=NEVER, pad_id=0, temperature=0)
     assert model.training
     assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
-
-
-@torch.no_grad()
-def test_sampling_copy_merges_lora_and_leaves_the_policy_alone():
-    torch.manual_seed(0)  # LoRA's A init draws from the global generator
-    model = chaotic()
-    apply_lora(model, r=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    for layer in lora_layers(model).values():  # a non-zero adapter, so that merging matters
-        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.5)
-    x = torch.tensor(prompts_of([12, 12]))
-    want = model(x)
-    fp32 = sampling_copy(model, torch.float32)
-    assert not lora_layers(fp32) and lora_layers(model)  # the copy is merged; the policy keeps its adapters
-    assert fp32.model.layers[0].self_attn.qkv_proj is not None and fp32.model.layers[0].self_attn.q_proj is None
-    torch.testing.assert_close(fp32(x), want, atol=1e-4, rtol=1e-4)
-    ro32 = generate(fp32, x.tolist(), 6, NEVER, 0, temperature=0)
-    assert not ro32.sequences.is_inference()  # decoded under inference_mode, handed back as ordinary tensors
-    assert ro32.responses() == generate(model, x.tolist(), 6, NEVER, 0, temperature=0).responses()
-    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)  # a normal init for the bf16 check
-    apply_lora(model, r=4, alpha=8)
-    for layer in lora_layers(model).values():
-        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-    bf16 = sampling_copy(model)
-    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
-    # a bf16 rounding of the same distribution: next-token probabilities within a few percent
-    p32, p16 = model(x).softmax(-1), bf16(x).float().softmax(-1)
-    assert (p16 - p32).abs().sum(-1).max() < 0.05  # twice the total variation distance, per position
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linears_give_the_unpacked_outputs(dtype):
-    model = Transformer(ModelConfig(**PRESETS["small"])).init_weights(seed=0)
-    plain, packed = sampling_copy(model, dtype, pack=False), sampling_copy(model, dtype)
-    assert isinstance(packed.lm_head, PackedLinear)
-    assert isinstance(packed.model.layers[0].mlp.gate_up_proj, PackedLinear)
-    assert sum(isinstance(m, torch.nn.Linear) for m in packed.modules()) == 0
-    x = torch.tensor(prompts_of([12, 12, 12]))
-    torch.testing.assert_close(packed(x).float(), plain(x).float(), atol=1e-4, rtol=1e-3)
-    ids = prompts_of([12, 5, 9])  # left-padded prefill (M = 36 rows) and decode (M = 3), through the packed weights
-    assert generate(packed, ids, 8, NEVER, 0, temperature=0).responses() == \
-        generate(plain, ids, 8, NEVER, 0, temperature=0).responses()
-
-
-def test_sampling_copy_of_a_qlora_model_with_unadapted_nf4_layers():
-    from nanoalign.nf4 import NF4Linear, quantize_nf4_
-    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)
-    quantize_nf4_(model)
-    apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))  # k/o/MLP stay NF4: nothing to fuse there
-    x = torch.tensor(prompts_of([12, 12]))
-    with torch.no_grad():
-        copied = sampling_copy(model, torch.float32)
-        mlp = copied.model.layers[0].mlp
-        assert isinstance(mlp.up_proj, NF4Linear) and mlp.gate_up_proj is None
-        torch.testing.assert_close(copied(x), model(x), atol=1e-4, rtol=1e-4)
-
-
-@torch.no_grad()
-def test_compiled_decode_step_matches_eager_and_serves_a_new_packed_copy_without_recompiling():
-    from torch._dynamo.utils import counters
-    model = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(seed=0)
-    fused, packed = sampling_copy(model, torch.float32, pack=False), sampling_copy(model, torch.float32)
-    ids = prompts_of([12, 5, 9])
-    want = generate(model, ids, 6, NEVER, 0, temperature=0).responses()
-    for copied in (fused, packed):
-        assert generate(copied, ids, 6, NEVER, 0, temperature=0).responses() == want
-        assert generate(copied, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
-    # PPO samples from a new copy each iteration: the packed weights are looked up by a key tensor, an input of the
-    # compiled step, so the step is reused (no new graph) and reads the new weights, not the old ones
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
-    del packed
-    packed = sampling_copy(model, torch.float32)
-    want, old = generate(model, ids, 6, NEVER, 0, temperature=0).responses(), want
-    assert want != old
-    graphs = counters["stats"]["unique_graphs"]
-    assert generate(packed, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
-    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_generate_cli_writes_rows_in_input_order(tmp_path, tiny):

@@ -1,6 +1,7 @@
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from conftest import assert_user_error, run_cli
 from nanoalign import hub
 from nanoalign.checkpoint import save_checkpoint
 from nanoalign.cli import UserError
-from nanoalign.model import PRESETS, ModelConfig, Transformer
+from nanoalign.model import PRESETS, ModelConfig, Transformer, rope_frequencies
+from nanoalign.tokenizer import Tokenizer
 
 
 def tiny_checkpoint(path, **overrides):
@@ -144,3 +146,87 @@ def test_good_inputs_still_load(tmp_path):
     assert tok.vocab_size == 259
     assert hub.load("tiny", dtype=torch.bfloat16)[0].model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(ref.model.embed_tokens.weight, hub.load("tiny")[0].model.embed_tokens.weight)  # seed 0
+
+
+# --- GGUF files of each architecture, written by the gguf package's own writer -----------------------------------
+GGUF_FAMILIES = {  # GGUF architecture -> (test_families family, tokenizer.ggml.pre)
+    "llama": ("llama3.2", "llama-bpe"), "qwen2": ("qwen2.5", "qwen2"), "qwen3": ("qwen3", "qwen2")}
+HF_TO_GGUF = {v: k for k, v in hub.GGUF_NAMES.items()}
+
+
+def write_gguf(path, model, tok_dir, arch, pre):
+    """What llama.cpp's converter writes: hyperparameters, the tokenizer, and weights under GGUF names, with the
+    Q/K rows of arch llama permuted and Llama 3.1's RoPE scaling as a rope_freqs tensor of divisors."""
+    from gguf import GGUFWriter
+    c, w = model.cfg, GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings), w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size), w.add_block_count(c.num_hidden_layers)
+    w.add_head_count(c.num_attention_heads), w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim), w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps), w.add_rope_freq_base(c.rope_theta)
+    tj = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+    specials = {t["content"] for t in tj["added_tokens"]}
+    tokens = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre), w.add_token_list(tokens)
+    w.add_token_types([(4 if t.startswith("<think") or t.startswith("</think") else 3) if t in specials else 1
+                       for t in tokens])  # 3: control, 4: user-defined (Qwen3's <think>), 1: normal
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    tok = Tokenizer.from_dir(tok_dir)
+    w.add_bos_token_id(tokens.index(tok.bos) if tok.bos else 0), w.add_eos_token_id(tok.eos_id)
+    w.add_chat_template(json.load(open(os.path.join(tok_dir, "tokenizer_config.json")))["chat_template"])
+    if c.rope_scaling:
+        w.add_tensor("rope_freqs.weight", (rope_frequencies(replace(c, rope_scaling=None)) /
+                                           rope_frequencies(c)).numpy())
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        parts, v = k.split("."), v.detach().clone()
+        if k.startswith("model.layers."):  # model.layers.N.self_attn.q_proj.weight -> blk.N.attn_q.weight
+            name = f"blk.{parts[2]}.{HF_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+        else:
+            name = f"{HF_TO_GGUF['.'.join(parts[:-1])]}.{parts[-1]}"
+        if arch == "llama" and parts[-2] in ("q_proj", "k_proj"):  # llama.cpp's converter: interleave rotary halves
+            n = c.num_attention_heads if parts[-2] == "q_proj" else c.num_key_value_heads
+            v = v.reshape(n, 2, v.shape[0] // n // 2, *v.shape[1:]).swapaxes(1, 2).reshape(v.shape)
+        w.add_tensor(name, v.numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", GGUF_FAMILIES)
+def test_gguf_of_each_architecture_loads_with_the_original_logits_and_tokenizer(tmp_path, arch):
+    """A model written to GGUF reads back equal, and transformers' own GGUF reader agrees on logits and tokens."""
+    from test_families import hf_family_dir
+    family, pre = GGUF_FAMILIES[arch]
+    model, tok = hub.load(hf_family_dir(tmp_path / "hf", family))
+    write_gguf(tmp_path / "m.gguf", model, str(tmp_path / "hf"), arch, pre)
+    back, back_tok = hub.load(str(tmp_path / "m.gguf"))
+    assert back.cfg.model_type == arch and back.cfg.rope_scaling == model.cfg.rope_scaling
+    text = "It is the 2024 tree, Ünïcode 世界 and 12345 rivers!\n\n  ok"
+    ids = torch.tensor([tok.encode(text)])
+    assert back_tok.encode(text) == tok.encode(text) and back_tok.family == tok.family
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "It is."}]
+    assert back_tok.render_chat(msgs) == tok.render_chat(msgs)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids), model.eval()(ids))
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    if arch == "qwen3":  # transformers' GGUF reader leaves head_dim at Qwen3Config's 128 (it ignores key_length)
+        return
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - model(ids)).abs().max() <= 1e-4
+
+
+def test_gguf_of_an_unsupported_architecture_or_rope_scaling_is_refused(tmp_path):
+    from gguf import GGUFWriter
+    for i, (arch, extra) in enumerate([("gemma2", {}), ("llama", {"llama.rope.scaling.type": "yarn"})]):
+        w = GGUFWriter(str(tmp_path / f"{i}.gguf"), arch)
+        w.add_token_list(["a"]), w.add_token_types([1])
+        for k, v in extra.items():
+            w.add_string(k, v)
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(UserError, match=r"is not supported \(supported: llama, qwen2, qwen3"):
+            hub.load(str(tmp_path / f"{i}.gguf"))

@@ -2,11 +2,14 @@ import pytest
 import torch
 from conftest import assert_user_error, run_cli
 
-from nanoalign import hub
+from nanoalign import hub, merge
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint
-from nanoalign.cli import UserError
-from nanoalign.merge import main as merge_main
-from nanoalign.merge import merge_linear, merge_slerp, merge_task_arithmetic, slerp
+from nanoalign.cli import UserError, parse_cli
+from nanoalign.merge import merge_linear, merge_task_arithmetic, slerp
+
+
+def merge_main(argv):
+    return merge.main(parse_cli(merge.Config, argv))
 
 
 def _state(seed):
@@ -28,9 +31,8 @@ def test_linear_merge_hand_worked():
 
 def test_slerp_endpoints_and_midpoint():
     a, b = _state(0), _state(1)
-    at0, at1 = merge_slerp(a, b, 0.0), merge_slerp(a, b, 1.0)
     for k in a:
-        assert torch.equal(at0[k], a[k]) and torch.equal(at1[k], b[k])
+        assert torch.equal(slerp(a[k], b[k], 0.0), a[k]) and torch.equal(slerp(a[k], b[k], 1.0), b[k])
     # orthogonal unit vectors: the midpoint stays on the unit circle (lerp would shrink it to 1/√2)
     mid = slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
     torch.testing.assert_close(mid, torch.tensor([2 ** -0.5, 2 ** -0.5]))
@@ -64,8 +66,17 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path):
         torch.testing.assert_close(v, (a[k] + b[k]) / 2)
     assert_user_error(run_cli(["-m", "nanoalign.merge", "--models", *paths, "--method", "task-arithmetic",
                                "--out", str(tmp_path / "x")]), "--base")
+    merge_main(["--models", *paths, "--weights", "0.25", "--method", "slerp", "--out", str(tmp_path / "s")])
+    merge_main(["--models", paths[1], "--weights", "0.5", "--method", "task-arithmetic", "--base", paths[0],
+                "--out", str(tmp_path / "t")])
+    s, t = (load_checkpoint(str(tmp_path / d))[0].state_dict() for d in "st")
+    for k in a:
+        torch.testing.assert_close(s[k], slerp(a[k], b[k], 0.25), rtol=0, atol=1e-7)
+        torch.testing.assert_close(t[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-6)  # a + 0.5 (b - a)
     for argv, needle in [(["--models", paths[0], "--weights", "0.5", "--method", "slerp"], "slerp"),
                          (["--models", *paths, "--weights", "1"], "--weights"),
+                         (["--models", *paths, "--weights", "1", "half"], "--weights: not a number"),
+                         (["--models", *paths, "--weights", "nan", "1"], "finite"),
                          (["--models", *paths, "--method", "ties"], "--method"),
                          (["--models", paths[0], str(tmp_path / "nope")], "nope")]:
         with pytest.raises(UserError, match=needle):

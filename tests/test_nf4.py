@@ -5,8 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoalign.model import PRESETS, ModelConfig, Transformer
-from nanoalign.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4State, bits_per_param, dequantize_absmax,
-                           dequantize_nf4, dynamic_map_signed, quantize_nf4, quantize_nf4_)
+from nanoalign.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4State, dequantize_absmax, dequantize_nf4,
+                           dynamic_map_signed, quantize_nf4, quantize_nf4_)
 
 
 def _bnb():
@@ -86,10 +86,13 @@ def test_roundtrip_error_within_half_the_largest_code_gap():
 
 
 def test_bits_per_param():
+    def bits(packed, state):  # every tensor the dequantization needs, counted from the tensors themselves
+        held = [packed] + [t for t in (state.absmax, state.absmax_scale, state.absmax_offset) if t is not None]
+        return 8 * sum(t.numel() * t.element_size() for t in held) / state.shape.numel()
     w = _weights((64, 4096))  # 4096 blocks = 16 blocks of 256
-    assert bits_per_param(*quantize_nf4(w, double_quant=False)) == 4.5  # 4 + 32/64
+    assert bits(*quantize_nf4(w, double_quant=False)) == 4.5  # 4 + 32/64
     # 4 + 8/64 + 32/(64*256), plus the one fp32 mean
-    assert bits_per_param(*quantize_nf4(w, double_quant=True)) == pytest.approx(4 + 8 / 64 + 32 / 16384 + 32 / w.numel())
+    assert bits(*quantize_nf4(w, double_quant=True)) == pytest.approx(4 + 8 / 64 + 32 / 16384 + 32 / w.numel())
 
 
 def test_numel_not_divisible_by_blocksize_raises():
@@ -117,7 +120,8 @@ def test_nf4_linear_forward_backward_and_no_weight_grad():
 
 @pytest.mark.parametrize("mode", ["eager", "compiled-dequant", "compiled-module"])
 def test_backward_saves_packed_bytes_not_a_dequantized_weight(mode):
-    q = NF4Linear(nn.Linear(256, 128, bias=False), compile=mode == "compiled-dequant")
+    q = NF4Linear(nn.Linear(256, 128, bias=False))
+    q.compile = mode == "compiled-dequant"
     if mode == "compiled-module":  # inside a compiled model, NF4 layers graph-break (see nf4_linear)
         q = torch.compile(q)
     saved = []
@@ -136,7 +140,8 @@ def test_backward_saves_packed_bytes_not_a_dequantized_weight(mode):
 
 def test_compiled_matches_eager():
     lin = nn.Linear(128, 64, bias=False)
-    eager, compiled = NF4Linear(lin), NF4Linear(lin, compile=True)
+    eager, compiled = NF4Linear(lin), NF4Linear(lin)
+    compiled.compile = True
     x = torch.randn(3, 128, requires_grad=True)
     xc = x.detach().clone().requires_grad_(True)
     y, yc = eager(x), compiled(xc)
@@ -150,11 +155,14 @@ def test_quantize_model_in_place():
     m = Transformer(ModelConfig(**PRESETS["tiny"])).init_weights(0)
     ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
     ref = m(ids)
-    stats = quantize_nf4_(m)
-    assert stats["n_quantized"] == 2 * 7  # 7 linears per layer; lm_head skipped (tied to the embedding)
+    fp32_bytes = sum(b.numel() * b.element_size() for b in m.state_dict().values())
+    assert quantize_nf4_(m) is m
+    assert sum(isinstance(x, NF4Linear) for x in m.modules()) == 2 * 7  # 7 per layer; lm_head (tied) skipped
     assert isinstance(m.model.layers[0].mlp.down_proj, NF4Linear) and isinstance(m.lm_head, nn.Linear)
     assert m.lm_head.weight is m.model.embed_tokens.weight
-    assert stats["after_mb"] < stats["before_mb"]
+    assert not any(isinstance(x, nn.Linear) for x in m.model.layers.modules())
+    nf4_bytes = sum(b.numel() * b.element_size() for b in m.state_dict().values())
+    assert nf4_bytes < 0.75 * fp32_bytes  # the tied fp32 embedding (259 x 64) stays: it is half the tiny model
     out = m(ids)
     rel = (out - ref).norm() / ref.norm()
     assert 0.01 < rel < 0.2  # close to the fp model (NF4 error ~ 10% of each weight), but not equal

@@ -1,10 +1,9 @@
 import json
 
 import pytest
-import torch
 from conftest import assert_user_error, run_cli
 
-from nanoalign import evaluate, hub, probe, tasks
+from nanoalign import evaluate, hub, judge, probe, tasks
 
 ROWS = [{"prompt": 'Describe tea. Include the word "calm".', "constraints": [{"type": "keyword", "value": "calm"}],
          "reference": "Tea is calm."},
@@ -37,13 +36,22 @@ def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
     rows = [json.loads(l) for l in open(tmp_path / "eval.jsonl")]
     rows = [x for x in rows if {c["type"] for c in x["constraints"]}.isdisjoint({"arithmetic", "quotes"})]
     rm, tok = hub.load(str(rm_dir))
-    with torch.no_grad():
-        plain = evaluate.rm_scores(rm.eval(), tok, [x["prompt"] for x in rows], [x["reference"] for x in rows])
-        quoted = evaluate.rm_scores(rm, tok, [x["prompt"] for x in rows], [f'"{x["reference"]}"' for x in rows])
+    prompts, plain = [x["prompt"] for x in rows], [x["reference"] for x in rows]
+    quoted = [f'"{t}"' for t in plain]
+    rm_plain, rm_quoted = (evaluate.rm_scores(rm.eval(), tok, prompts, texts) for texts in (plain, quoted))
     assert res["quotes"]["n"] == len(rows)
-    assert res["quotes"]["rm_shift"] == pytest.approx(sum(q - p for p, q in zip(plain, quoted)) / len(rows), abs=1e-5)
-    assert res["quotes"]["gold_shift"] <= 0 and res["no EOS"]["gold_shift"] == 0
-    assert res["no EOS"]["rm_shift"] != 0  # a different token is read
+    assert res["quotes"]["rm_shift"] == pytest.approx(sum(q - p for p, q in zip(rm_plain, rm_quoted)) / len(rows),
+                                                      abs=1e-5)
+    gold = [judge.score(q, x) - judge.score(p, x) for p, q, x in zip(plain, quoted, rows)]
+    assert res["quotes"]["gold_shift"] == pytest.approx(sum(gold) / len(rows))
+    assert max(gold) <= 0  # the gold judge never pays for unrequested quotes
+    every = [x for x in (json.loads(l) for l in open(tmp_path / "eval.jsonl"))
+             if "arithmetic" not in {c["type"] for c in x["constraints"]}]  # "no EOS" is eligible everywhere else
+    rm_all, rm_all_cut = (evaluate.rm_scores(rm, tok, [x["prompt"] for x in every], [x["reference"] for x in every],
+                                             open_end=o) for o in (False, True))
+    assert res["no EOS"] == pytest.approx({"n": len(every), "rm_shift": sum(c - p for p, c in zip(rm_all, rm_all_cut))
+                                           / len(every), "rm_up": sum(c > p for p, c in zip(rm_all, rm_all_cut)) /
+                                           len(every), "gold_shift": 0.0}, abs=1e-5)
 
 
 def test_probe_needs_reference_answers(tmp_path, rm_dir):

@@ -59,9 +59,9 @@ def test_reward_is_read_at_the_last_real_token(trained):
     model.eval()
     ex = tokenize_prefs(tok, read_prefs(str(tmp / "eval.jsonl")), 128)[:4]
     with torch.no_grad():
-        base = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128), "cpu")  # (8,)
-        padded = train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128, multiple_of=100), "cpu")
-        shared = train_rm.rewards_of(model, collate_shared(ex, tok.pad_id, 128, multiple_of=100), "cpu")  # 4 rows
+        base = torch.cat(train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128), "cpu"))  # (8,)
+        padded = torch.cat(train_rm.rewards_of(model, collate_pairs(ex, tok.pad_id, 128, multiple_of=100), "cpu"))
+        shared = torch.cat(train_rm.rewards_of(model, collate_shared(ex, tok.pad_id, 128, multiple_of=100), "cpu"))
         # by hand: the score head on the hidden state of the response's final <|im_end|>, one unpadded row at a time
         manual = []
         for part in ("chosen", "rejected"):
@@ -84,12 +84,10 @@ def test_saved_rm_loads_in_transformers_with_the_same_scores(trained):
     ex = tokenize_prefs(tok, read_prefs(str(tmp / "eval.jsonl")), 128)[:3]
     with torch.no_grad():
         for e in ex:
-            for part in ("chosen", "rejected"):
+            ours = train_rm.rewards_of(model.eval(), collate_shared([e], tok.pad_id, 128), "cpu")  # (chosen, rejected)
+            for part, r in zip(("chosen", "rejected"), ours):
                 ids = torch.tensor([e["prompt"] + e[part]])  # unpadded: HF finds the last token via pad_token_id
-                ours = train_rm.rewards_of(model.eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                           "cpu")
-                theirs = hf(input_ids=ids).logits[0, 0]
-                assert float(theirs) == pytest.approx(float(ours[0]), abs=1e-4)
+                assert float(hf(input_ids=ids).logits[0, 0]) == pytest.approx(float(r[0]), abs=1e-4)
 
 
 def test_center_rewards_pulls_the_mean_reward_toward_zero(tmp_path):
@@ -102,13 +100,20 @@ def test_center_rewards_pulls_the_mean_reward_toward_zero(tmp_path):
     assert centred["eval_accuracy"] >= 0.9  # and still ranks the pairs
 
 
-def test_margin_flag_raises_the_learned_margin(tmp_path):
-    write_prefs(tmp_path / "prefs.jsonl", n=16)
-    # the same steps with a margin m: the loss keeps pushing until r_c − r_r > m
-    kw = dict(max_steps=8, lora_rank=0, lr=1e-3, center_rewards=0.05)
-    a = train_rm.main(cfg(tmp_path, "m0", **kw))
-    b = train_rm.main(cfg(tmp_path, "m3", margin=3.0, **kw))
-    assert b["margin"] > a["margin"]
+def test_first_loss_is_the_margin_and_centering_loss_of_the_initial_rewards(tmp_path):
+    """--margin m and --center-rewards λ, by hand: step 1's loss is the mean over the pairs of
+    −log σ(r_c − r_r − m) + λ·(r_c + r_r)², with the rewards of the initial model (the SFT model + a seed-0 head)."""
+    data = write_prefs(tmp_path / "prefs.jsonl", n=8)
+    m = train_rm.main(cfg(tmp_path, "o", max_steps=1, batch_size=8, lora_rank=0, margin=3.0, center_rewards=0.05))
+    model, tok = hub.load("tiny")
+    model.add_score_head(seed=0)
+    with torch.no_grad():
+        chosen, rejected = train_rm.rewards_of(model, collate_pairs(tokenize_prefs(tok, read_prefs(data), 128),
+                                                                    tok.pad_id, 128), "cpu")
+    by_hand = (-torch.nn.functional.logsigmoid(chosen - rejected - 3.0) + 0.05 * (chosen + rejected) ** 2).mean()
+    assert m["first_loss"] == pytest.approx(float(by_hand), abs=1e-5)
+    plain = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    assert abs(float(by_hand) - float(plain)) > 1.0  # the two flags really move it
 
 
 def test_prompts_only_file_is_one_error_line_and_exit_2(tmp_path):

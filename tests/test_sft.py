@@ -1,20 +1,23 @@
 """train_sft.py end to end on the tiny random model: gradient accumulation, loss goes down, checkpoint reloads,
-bit-exact resume, 2-process data parallel == 1 process, one-line errors, NaN handling; and a real SmolLM2 LoRA run."""
+bit-exact resume (in a copied run directory), 2-process data parallel == 1 process, one-line errors, NaN handling,
+--help and the progress log; and a real SmolLM2 LoRA run."""
 import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 
 import pytest
 import torch
 
+import fault_driver
 from conftest import ONE_THREAD, ROOT, assert_user_error, run_cli
 
 sys.path.insert(0, ROOT)
 import train_sft  # noqa: E402
 from nanoalign import hub  # noqa: E402
-from nanoalign.cli import run  # noqa: E402
+from nanoalign.cli import Logger, build_parser, run  # noqa: E402
 from nanoalign.data import collate_sft, read_sft, tokenize_sft  # noqa: E402
 from nanoalign.packing import pack_sft  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
@@ -131,11 +134,13 @@ def test_resume_follows_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
     # LoRA with dropout: the resumed run must also restore the RNG
     kw = dict(max_steps=6, save_every=3, lora_rank=4, lora_dropout=0.2, lr=1e-2, warmup=2, batch_size=3, grad_accum=2)
     train_sft.main(cfg(tmp_path, "straight", **kw))
-    monkeypatch.setenv("NANOALIGN_INJECT_NAN_STEP", "5")  # dies at step 5; train_state.pt holds step 3
-    with pytest.raises(TrainingError, match="non-finite loss"):
-        train_sft.main(cfg(tmp_path, "resumed", **kw))
-    monkeypatch.delenv("NANOALIGN_INJECT_NAN_STEP")
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    with monkeypatch.context() as m:
+        fault_driver.install("nan-loss=5", m.setattr)  # dies at step 5; train_state.pt holds step 3
+        with pytest.raises(TrainingError, match="non-finite loss"):
+            train_sft.main(cfg(tmp_path, "killed", **kw))
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    # where a run lives is not one of its settings: a copied run directory resumes as well
+    shutil.copytree(tmp_path / "killed", tmp_path / "resumed")
     train_sft.main(cfg(tmp_path, "resumed", resume=True, **kw))
     straight, resumed = losses(str(tmp_path / "straight")), losses(str(tmp_path / "resumed"))
     assert sorted(straight) == list(range(1, 7))
@@ -168,7 +173,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     (["--max-len", "-5"], "--max-len must be > 0"),
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--grad-accum", "0"], "--grad-accum must be > 0"),
-    (["--truncate", "right"], "--truncate must be drop or left"),
+    (["--truncate", "right"], "--truncate: invalid choice: 'right' (choose from 'drop', 'left')"),
+    (["--pack", "maybe"], "--pack: expected true/false, got 'maybe'"),
     (["--nf4"], "--nf4 needs --lora-rank > 0"),
     (["--max-len", "5000"], "exceeds the model's 1024 positions"),
     (["--data", "PREFS"], "this looks like a preference file"),
@@ -201,12 +207,17 @@ def test_cli_subprocess_bad_input(tmp_path):
     assert_user_error(r, "--lr must be > 0")
 
 
+def test_no_arguments_name_the_missing_flag():
+    r = run_cli(["train_sft.py"], env=ONE_THREAD)
+    assert_user_error(r, "--data is required")
+
+
 def test_nan_loss_exits_1_and_keeps_the_last_checkpoint(tmp_path):
     data = write_sft(tmp_path / "sft.jsonl", n=8)
     out = tmp_path / "o"
-    r = run_cli(["train_sft.py", "--init", "tiny", "--data", data, "--out", str(out), "--max-steps", "6",
-                 "--save-every", "2", "--log-every", "1", "--batch-size", "2"],
-                env={**ONE_THREAD, "NANOALIGN_INJECT_NAN_STEP": "3"})
+    r = run_cli(["tests/fault_driver.py", "nan-loss=3", "train_sft.py", "--init", "tiny", "--data", data, "--out",
+                 str(out), "--max-steps", "6", "--save-every", "2", "--log-every", "1", "--batch-size", "2"],
+                env=ONE_THREAD)
     assert r.returncode == 1, r.stderr[-2000:]
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "non-finite loss" in err[0] and "step 3" in err[0] and "Traceback" not in r.stderr
@@ -215,12 +226,58 @@ def test_nan_loss_exits_1_and_keeps_the_last_checkpoint(tmp_path):
     assert sorted(losses(str(out))) == [1, 2]
 
 
-def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+def test_skip_nonfinite_skips_the_step_and_counts_it(tmp_path, monkeypatch):
     write_sft(tmp_path / "sft.jsonl", n=8)
-    monkeypatch.setenv("NANOALIGN_INJECT_NAN_STEP", "2")
-    m = train_sft.main(cfg(tmp_path, "o", max_steps=3, skip_nonfinite=True))
-    assert m["skipped_steps"] == 1 and m["loss"] == m["loss"]  # finite at the end
+    # global batch = the data set: every step sees the same rows, so a skipped step leaves the loss where it was
+    kw = dict(max_steps=3, batch_size=8, skip_nonfinite=True)
+    fault_driver.install("nan-loss=2", monkeypatch.setattr)  # NaN loss and NaN gradients at step 2
+    m = train_sft.main(cfg(tmp_path, "o", **kw))
+    assert m["skipped_steps"] == 1
+    with open(tmp_path / "o" / "log.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["skipped"] for r in rows] == [0, 1, 1] and rows[1]["grad_norm"] != rows[1]["grad_norm"]  # nan
+    # no update at step 2: step 3 sees the weights step 2 saw (the same rows, in another order)
+    assert abs(rows[2]["loss"] - rows[1]["loss"]) < 1e-5 and rows[1]["loss"] < rows[0]["loss"] - 0.01
     assert all(torch.isfinite(v).all() for v in weights(str(tmp_path / "o")).values())
+
+
+def test_help_shows_each_fields_comment_default_and_choices(capsys):
+    p = build_parser(train_sft.Config, prog="train_sft.py")
+    text = " ".join(p.format_help().split())  # argparse wraps lines
+    assert "Supervised fine-tuning on chat demonstrations" in text  # the Config docstring
+    assert "--warmup WARMUP linear warmup steps, then cosine decay to 10% of --lr (default: 10)" in text
+    assert "--truncate {drop,left} {drop, left}: rows over --max-len are dropped" in text
+    assert "[--nf4]" in p.format_usage() and "--nf4 QLoRA: freeze the base in 4-bit NF4" in text  # a flag
+    assert "(default: off)" in text and "[NF4]" not in text
+    # a bool flag alone means true; true/false spelled out works too
+    assert (p.parse_args(["--nf4"]).nf4, p.parse_args(["--nf4", "false"]).nf4, p.parse_args([]).nf4) == (True, False,
+                                                                                                         False)
+    with pytest.raises(SystemExit) as e:  # --help itself exits 0
+        run(train_sft.main, train_sft.Config, ["--help"])
+    assert e.value.code == 0 and "--skip-nonfinite" in capsys.readouterr().out
+
+
+def test_logger_shows_some_fields_and_writes_all(tmp_path, capsys):
+    log = Logger(str(tmp_path), total_steps=10, show=("score", "kl"))
+    log.log(1, loss=torch.tensor(0.5), kl=0.25, score=1, clipfrac=0.125)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("step 1/10 | score 1 | kl 0.25 | eta ") and "loss" not in line and "clipfrac" not in line
+    row = json.loads((tmp_path / "log.jsonl").read_text())
+    assert {k: row[k] for k in ("step", "loss", "kl", "score", "clipfrac")} == {"step": 1, "loss": 0.5, "kl": 0.25,
+                                                                               "score": 1, "clipfrac": 0.125}
+    # a resumed run at step 1 drops the rows after it and a line cut short by a kill
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    Logger(str(tmp_path), total_steps=10, start_step=1)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_run_shorter_than_its_warmup_says_so(tmp_path, capsys):
+    write_sft(tmp_path / "sft.jsonl", n=4)
+    train_sft.main(cfg(tmp_path, "o", max_steps=2, warmup=10, lr=2e-4))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --warmup 10 outlasts --max-steps 2: the lr peaks at 4e-05, not --lr 0.0002"]
+    assert [json.loads(line)["lr"] for line in open(tmp_path / "o" / "log.jsonl")] == [2e-5, 4e-5]
 
 
 def test_packing_trains_on_the_same_tokens(tmp_path):

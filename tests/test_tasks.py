@@ -265,6 +265,17 @@ def test_bad_flags_exit_2_with_one_error_line(tmp_path, capsys, argv, needle):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_help_exits_0_and_says_what_each_command_does():
+    from conftest import run_cli
+    r = run_cli(["-m", "nanoalign.tasks", "--help"])
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("usage: python -m nanoalign.tasks {make,pairs}")
+    assert "nanoalign.tasks make --out" in r.stdout and "nanoalign.tasks pairs --model" in r.stdout
+    for command, says in (("make", "deterministically from --seed"), ("pairs", "best vs worst of --k samples")):
+        r = run_cli(["-m", "nanoalign.tasks", command, "--help"])
+        assert r.returncode == 0 and says in r.stdout and "Config(" not in r.stdout, r.stdout
+        assert "--n-eval" in r.stdout if command == "make" else "--label-noise" in r.stdout
+
+
 # ----------------------------------------------------------------------------------------- on-policy pairs
 def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
     msgs = [{"role": "user", "content": "Hi"}]

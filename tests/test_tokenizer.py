@@ -1,9 +1,12 @@
+import json
 import os
 
 import pytest
 
 from nanoalign import hub
-from nanoalign.tokenizer import Tokenizer, byte_tokenizer, chatml_template, default_system_from_template
+from nanoalign.cli import UserError
+from nanoalign.tokenizer import Tokenizer, byte_tokenizer
+from test_families import write_tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -32,6 +35,13 @@ def masked_text(tok, ids, mask):
     return tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
 
 
+def save_tokenizer(tok, path):
+    """What save_checkpoint writes for the tokenizer: tokenizer.json and the tokenizer_config.json it came with."""
+    tok.tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tok.config, f)
+
+
 @pytest.fixture(scope="module")
 def hf_tok():
     """transformers' tokenizer loaded from the converted SmolLM2 directory (our tokenizer.json + config)."""
@@ -39,8 +49,8 @@ def hf_tok():
     return transformers.AutoTokenizer.from_pretrained(os.path.join(hub.cache_dir(), hub.ALIAS))
 
 
-def hf_template_ids(hf_tok, messages, add_generation_prompt=False):
-    enc = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+def hf_template_ids(hf_tok, messages, add_generation_prompt=False, **kwargs):
+    enc = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, **kwargs)
     return list(enc["input_ids"]) if hasattr(enc, "keys") else list(enc)  # transformers 5 gives a BatchEncoding
 
 
@@ -55,7 +65,7 @@ def test_byte_tokenizer_roundtrips_and_is_one_token_per_byte(text):
 
 def test_byte_tokenizer_specials_and_sizes():
     tok = byte_tokenizer()
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (259, 1, 2, 2)
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.family) == (259, 2, 2, "chatml")
     assert tok.tok.id_to_token(0) == "<|endoftext|>" and tok.default_system is None
     assert tok.decode([1, *B("a"), 2]) == "a"  # specials are skipped by default
     assert tok.decode([1, *B("a"), 2], skip_special=False) == "<|im_start|>a<|im_end|>"
@@ -82,7 +92,7 @@ def test_byte_mask_covers_each_assistant_turn_exactly_in_multi_turn():
     runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
     assert len(runs) == 2
     for start in runs:
-        assert ids[start - len(B("assistant\n")) - 1] == tok.bos_id
+        assert ids[start - len(B("assistant\n")) - 1] == 1  # <|im_start|>
     ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
     assert [ids[e] for e in ends] == [tok.eos_id, tok.eos_id]
     assert [ids[e + 1] for e in ends] == [B("\n")[0]] * 2
@@ -100,41 +110,143 @@ def test_render_chat_rejects_bad_messages():
 
 def test_tokenizer_save_and_from_dir_roundtrip(tmp_path):
     tok = byte_tokenizer()
-    tok.save(str(tmp_path))
+    save_tokenizer(tok, tmp_path)
     back = Tokenizer.from_dir(str(tmp_path))
-    assert (back.vocab_size, back.bos_id, back.eos_id, back.default_system) == (259, 1, 2, None)
+    assert (back.vocab_size, back.eos_id, back.default_system) == (259, 2, None)
     for text in TEXTS:
         assert back.encode(text) == tok.encode(text)
     assert back.render_chat(MULTI) == tok.render_chat(MULTI)
 
 
-def test_default_system_prompt_survives_the_saved_template():
-    sysmsg = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    assert default_system_from_template(chatml_template(sysmsg)) == sysmsg
-    assert default_system_from_template(chatml_template(None)) is None
-    tok = byte_tokenizer()
-    tok.default_system = "Be nice."
-    ids, _ = tok.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
-    assert ids[:len(B("system\nBe nice.")) + 1] == [1, *B("system\nBe nice.")]
-    ids2, _ = tok.render_chat([{"role": "system", "content": "Own."}, {"role": "user", "content": "x"}])
-    assert tok.decode(ids2).count("system") == 1 and "Be nice." not in tok.decode(ids2)  # never duplicated
+@pytest.mark.parametrize("template, default", [
+    ("smollm2", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    ("qwen2", "You are a helpful assistant."), ("qwen2.5", "You are Qwen, created by Alibaba Cloud. You are a helpful "
+                                                           "assistant."), ("qwen3", None)])
+def test_default_system_prompt_is_read_from_the_template_and_inserted_once(tmp_path, template, default):
+    write_tokenizer(tmp_path, template)
+    tok = Tokenizer.from_dir(str(tmp_path))
+    assert tok.default_system == default
+    text = tok.decode(tok.render_chat(MULTI)[0], skip_special=False)
+    assert text.startswith(f"<|im_start|>system\n{default}<|im_end|>\n<|im_start|>user\n" if default else
+                           "<|im_start|>user\n")
+    own = tok.decode(tok.render_chat(SYS_CONV)[0], skip_special=False)  # an explicit system prompt replaces it
+    assert own.count("<|im_start|>system") == 1 and (default is None or default not in own)
 
 
 def test_saved_byte_tokenizer_matches_transformers_chat_template(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = byte_tokenizer()
-    tok.save(str(tmp_path))
+    save_tokenizer(tok, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for conv in (SYS_CONV, MULTI):
         assert hf_template_ids(hf, conv) == tok.render_chat(conv)[0]
         assert hf_template_ids(hf, conv[:-1], add_generation_prompt=True) == tok.render_prompt(conv[:-1])
 
 
+# --- each family's real chat template, against transformers' apply_chat_template ------------------------------
+THINK = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nA1"},
+         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>\nso\n</think>\n\nA2"}]
+CONVS = {"system": SYS_CONV, "multi": MULTI, "system-multi": [SYS_CONV[0]] + MULTI, "one-user": MULTI[:1],
+         "think": THINK}
+TARGETS = {  # what render_chat(MULTI)'s mask covers: each answer (as the template writes it) and its end of turn
+    "chatml": "4<|im_end|>It is 6.\nDone.<|im_end|>",
+    "llama3": "4<|eot_id|>It is 6.\nDone.<|eot_id|>",
+    "mistral": "4</s> It is 6.\nDone.</s>",  # " 4" and " It": the answer's leading space is its first token's
+}
+FAMILY_OF = {"smollm2": "chatml", "qwen2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "llama3": "llama3",
+             "llama3.2": "llama3", "mistral-v0.3": "mistral"}
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory):
+    """template name -> (our Tokenizer, transformers' tokenizer), both from one directory."""
+    transformers = pytest.importorskip("transformers")
+    out = {}
+    for name in FAMILY_OF:
+        d = tmp_path_factory.mktemp(name)
+        write_tokenizer(d, name)
+        out[name] = Tokenizer.from_dir(str(d)), transformers.AutoTokenizer.from_pretrained(str(d))
+    return out
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("template", FAMILY_OF)
+def test_render_matches_transformers_apply_chat_template(family_tokenizers, template, conv):
+    """ids of the whole conversation and of the generation prompt; Llama 3.2 stamps today's date unless told one,
+    and our prompt is Qwen3's non-thinking one."""
+    tok, hf = family_tokenizers[template]
+    assert tok.family == FAMILY_OF[template]
+    conv = CONVS[conv]
+    kw = {"date_string": "26 Jul 2024"} if template.startswith("llama") else {}
+    assert tok.render_chat(conv)[0] == hf_template_ids(hf, conv, **kw)
+    prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
+    assert tok.render_prompt(prompt) == hf_template_ids(hf, prompt, True, enable_thinking=False, **kw)
+
+
+@pytest.mark.parametrize("template", FAMILY_OF)
+def test_mask_covers_exactly_each_answer_and_its_end_of_turn(family_tokenizers, template):
+    tok, _ = family_tokenizers[template]
+    ids, mask = tok.render_chat(MULTI)
+    got = masked_text(tok, ids, mask)
+    assert got == TARGETS[FAMILY_OF[template]], got
+    # and the generation prompt is a prefix of the rendered conversation: training and sampling see one context
+    assert tok.render_prompt(MULTI[:-1]) == ids[:len(tok.render_prompt(MULTI[:-1]))]
+
+
+def test_qwen3_thinking_tags_are_context_never_targets(family_tokenizers):
+    tok, _ = family_tokenizers["qwen3"]
+    ids, mask = tok.render_chat(THINK)
+    text = tok.decode(ids, skip_special=False)
+    assert "hmm" not in text  # reasoning before the last user turn is dropped, as Qwen3's template does
+    assert text.endswith("<|im_start|>assistant\n<think>\nso\n</think>\n\nA2<|im_end|>\n")
+    assert masked_text(tok, ids, mask) == "A1<|im_end|>A2<|im_end|>"
+    plain, plain_mask = tok.render_chat(MULTI)
+    assert tok.decode(plain, skip_special=False).endswith("assistant\n<think>\n\n</think>\n\nIt is 6.\nDone."
+                                                          "<|im_end|>\n")
+    assert "think>" not in masked_text(tok, plain, plain_mask)
+    assert tok.decode(tok.render_prompt(MULTI[:1]), skip_special=False).endswith("<think>\n\n</think>\n\n")
+
+
+def test_llama3_2_uses_the_templates_fixed_date_and_its_system_header(family_tokenizers):
+    tok, _ = family_tokenizers["llama3.2"]
+    text = tok.decode(tok.render_chat(SYS_CONV)[0], skip_special=False)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                           "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user")
+    assert tok.decode(family_tokenizers["llama3"][0].render_prompt("x"), skip_special=False) == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nx<|eot_id|><|start_header_id|>assistant" \
+        "<|end_header_id|>\n\n"  # Llama 3.0: no system header at all
+
+
+def test_mistral_system_prompt_joins_the_last_user_turn_and_turns_must_alternate(family_tokenizers):
+    tok, hf = family_tokenizers["mistral-v0.3"]
+    prompt = tok.decode(tok.render_prompt([SYS_CONV[0]] + MULTI[:3]), skip_special=False)
+    assert prompt.endswith("[/INST] 4</s>[INST] Be brief.\n\nAnd 3+3?[/INST]") and prompt.count("Be brief.") == 1
+    for bad in ([MULTI[0], MULTI[0]], [MULTI[1]], MULTI[:1] + [SYS_CONV[0]]):
+        with pytest.raises(ValueError, match="in turn"):
+            tok.render_chat(bad)
+        with pytest.raises(Exception, match="alternate|roles"):  # the template itself refuses them too
+            hf_template_ids(hf, bad)
+
+
+@pytest.mark.parametrize("template, why", [
+    ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>{% endfor %}", "gemma"),
+    ("{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral v0.1"),
+])
+def test_an_unknown_template_names_the_supported_families(tmp_path, template, why):
+    write_tokenizer(tmp_path, "mistral-v0.3")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    with pytest.raises(UserError) as e:
+        Tokenizer.from_dir(str(tmp_path))
+    assert str(e.value) == f"{tmp_path}/tokenizer_config.json: chat_template not recognised (supported: ChatML " \
+                           "(SmolLM2, Qwen2/2.5/3), Llama 3.x, Mistral v0.3)", why
+
+
 # --- SmolLM2's tokenizer (real model) ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_roundtrips_varied_text(smollm2):
     _, tok = smollm2
-    assert tok.vocab_size == 49152 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+    assert tok.vocab_size == 49152 and (tok.eos_id, tok.pad_id) == (2, 2)
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text, text
 
@@ -165,8 +277,8 @@ def test_smollm2_inserts_default_system_prompt_once(smollm2):
     text = tok.decode(ids, skip_special=False)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
                            "Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?")
-    assert text.count("<|im_start|>system") == 1 and ids.count(tok.bos_id) == 5
-    assert ids[1] != tok.bos_id  # no double BOS
+    assert text.count("<|im_start|>system") == 1 and ids.count(1) == 5  # one <|im_start|> per turn
+    assert ids[1] != 1  # no double <|im_start|>
     sys_ids = tok.render_chat(SYS_CONV)[0]
     assert tok.decode(sys_ids).count("SmolLM") == 0  # an explicit system prompt replaces the default
 
