@@ -9,7 +9,6 @@ quantize.py does), so model.py stays a plain Llama; each has a parity test again
   traffic; packing the weights for oneDNN saves a reorder in every matmul, and stacking q/k/v two matmuls per layer.
 """
 import copy
-import functools
 
 import torch
 import torch.nn as nn
@@ -20,14 +19,17 @@ from .model import MLP, Attention, RMSNorm, apply_rope, rms_norm, swiglu
 from .nf4 import NF4Linear
 
 
-@functools.cache
+_COMPILED = {}  # (fn, decode) -> fn torch.compile'd: one per process, shared by every layer and call
+
+
 def compiled(fn, decode: bool = False):
-    """fn torch.compile'd once per process, with dynamic shapes so that new lengths reuse it. decode: generate's step
-    of one token, static shapes; inductor fuses the ~20 small kernels of each layer (norms, RoPE, cache writes,
-    SwiGLU), and its C++ wrapper calls them with no Python in between."""
-    if decode:
-        return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
-    return torch.compile(fn, dynamic=True)
+    """fn torch.compile'd, with dynamic shapes so that new lengths reuse it. decode: generate's step of one token,
+    static shapes; inductor fuses the ~20 small kernels of each layer (norms, RoPE, cache writes, SwiGLU), and its
+    C++ wrapper calls them with no Python in between."""
+    if (fn, decode) not in _COMPILED:
+        options = dict(dynamic=False, options={"cpp_wrapper": True}) if decode else dict(dynamic=True)
+        _COMPILED[fn, decode] = torch.compile(fn, **options)
+    return _COMPILED[fn, decode]
 
 
 class CompiledRMSNorm(RMSNorm):

@@ -151,3 +151,6 @@ def test_compiled_decode_step_matches_eager_and_serves_a_new_packed_copy_without
         graphs = counters["stats"]["unique_graphs"]
         assert generate(packed, ids, 6, NEVER, 0, temperature=0, compile=True).responses() == want
         assert counters["stats"]["unique_graphs"] == graphs + (iteration == 0)
+    # PPO --compile --bf16: a copy of a compile_pointwise'd policy; its compiled kernels inline into the step
+    assert generate(sampling_copy(compile_pointwise(model), torch.float32), ids, 6, NEVER, 0, temperature=0,
+                    compile=True).responses() == want

@@ -58,7 +58,7 @@ def test_logprobs_are_normalised_and_temperature_divides_logits():
 
 
 def test_fp32_under_bf16_autocast():
-    # pitfall 4: log-probs stay fp32 under bf16 autocast, and the matmul is not silently done in bf16
+    # log-probs stay fp32 under bf16 autocast, and the matmul is not silently done in bf16
     hidden, weight, labels, _ = _inputs(C=64, V=300)
     h16 = hidden.detach().bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
