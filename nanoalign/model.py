@@ -292,8 +292,7 @@ def last_token_index(mask):
     return torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)
 
 
-PRESETS = {
-    # random-init presets for tests and quick experiments; "tiny" uses the byte-level tokenizer (vocab 259)
+PRESETS = {  # random-init presets for tests and quick experiments, with the byte-level tokenizer (vocab 259)
     "tiny": dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0),
     "small": dict(vocab_size=259, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
