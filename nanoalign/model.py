@@ -3,8 +3,7 @@
 RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, pre-norm residual. The families
 differ in a few switches read from config.json: Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm and free head_dim,
 Llama 3.1's 'llama3' RoPE scaling, Mistral's sliding window. Names follow Hugging Face (`model.layers.N.self_attn.
-q_proj`), so a state dict is an HF checkpoint and LoRA targets mean what they mean in PEFT. LoRA, NF4 and the
-speed-ups are module swaps done from outside, so this file stays a plain model.
+q_proj`), so a state dict is an HF checkpoint; LoRA, NF4 and the speed-ups are module swaps done from outside.
 """
 import math
 import numbers
@@ -45,8 +44,7 @@ class ModelConfig:
         """config.json for transformers: the family's *ForCausalLM, or *ForSequenceClassification for a reward model."""
         arch = FAMILIES[self.model_type] + ("ForSequenceClassification" if reward else "ForCausalLM")
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}  # transformers 5
-        d = {**asdict(self), "architectures": [arch], "rope_parameters": rope, "sliding_window": self.sliding_window
-             or None}
+        d = dict(asdict(self), architectures=[arch], rope_parameters=rope, sliding_window=self.sliding_window or None)
         return {**d, "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}} if reward else d
 
     @classmethod
@@ -75,8 +73,7 @@ class ModelConfig:
             ok = isinstance(v, bool) if kind is bool else kind not in (int, float) or (not isinstance(v, bool) and
                 isinstance(v, numbers.Integral if kind is int else numbers.Real) and math.isfinite(v) and v >= low)
             if not ok:
-                want = "true or false" if kind is bool else f"a positive {kind.__name__}" if low else \
-                    f"an {kind.__name__} >= 0"
+                want = "true or false" if kind is bool else f"a {'positive' if low else 'non-negative'} {kind.__name__}"
                 raise ValueError(f"{k} must be {want}, got {v!r}")
         cfg = cls(**kw)
         if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.hidden_size % cfg.num_attention_heads and not \
@@ -89,27 +86,23 @@ class ModelConfig:
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rms_norm(x, weight, eps: float):
-    # normalise in fp32, as HF does, then cast back (matters under bf16)
+def rms_norm(x, weight, eps: float):  # normalise in fp32, as HF does, then cast back (matters under bf16)
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig):
     """RoPE's inverse frequencies theta^(-2i/D), (head_dim/2,); Llama 3.1's scaling if the config asks for it."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    s = cfg.rope_scaling
-    if s:  # Llama 3.1: wavelengths over context/low_freq_factor are stretched by `factor`, those under
-        # context/high_freq_factor kept, the ones between interpolated
+    if s := cfg.rope_scaling:  # Llama 3.1: wavelengths over context/low_freq_factor are stretched by `factor`,
+        # those under context/high_freq_factor kept, the ones between interpolated
         wavelen = 2 * math.pi / inv_freq
         low, high = s["low_freq_factor"], s["high_freq_factor"]
         smooth = ((s["original_max_position_embeddings"] / wavelen - low) / (high - low)).clamp(0, 1)
@@ -135,7 +128,6 @@ def swiglu(gate, up):
 
 class KVCache(nn.Module):
     """A preallocated cache (gpt-fast style): forward writes new keys/values at `cache_pos`."""
-
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         for name in ("k", "v"):  # buffers: torch.compile tracks their in-place writes
@@ -168,8 +160,7 @@ class Attention(nn.Module):
         q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (B, H or Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))  # (B, Hkv, S, D): the whole buffer
@@ -242,9 +233,8 @@ class Transformer(nn.Module):
 
     def add_score_head(self, std: float | None = None, seed: int = 0):
         """Attach a scalar reward head; std 1/sqrt(d+1) as in Ziegler et al. / lm-human-preferences."""
-        d = self.cfg.hidden_size
+        d, g = self.cfg.hidden_size, torch.Generator().manual_seed(seed)
         self.score = nn.Linear(d, 1, bias=False).to(self.model.norm.weight.device)
-        g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.score.weight.copy_(torch.randn(1, d, generator=g) * (std if std is not None else 1 / math.sqrt(d + 1)))
         return self.score
@@ -261,9 +251,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_pos=None, return_hidden: bool = False):
         """input_ids (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, C) with return_hidden.
-        attention_mask: (B, T) 1 = real token, or (B, S) over the whole KV cache when decoding with cache_pos (T,), or
-        a ready (B, 1, T, T) boolean mask (packed rows: then position_ids are required). position_ids default to
-        attention_mask.cumsum(-1) - 1, which is right for left padding."""
+        attention_mask: (B, T) 1 = real token; (B, S) over the KV cache when decoding at cache_pos (T,); or a ready
+        (B, 1, T, T) bool mask (packed rows, with position_ids). Default positions count real tokens: left padding."""
         B, T = input_ids.shape
         if attention_mask is None:
             S = T if cache_pos is None else self.model.layers[0].self_attn.kv_cache.k.shape[2]
@@ -287,8 +276,7 @@ class Transformer(nn.Module):
 
 def last_token_index(mask):
     """Index of the last 1 in each row of a (B, T) mask: where reward and value are read."""
-    T = mask.shape[1]
-    pos = torch.arange(T, device=mask.device).expand_as(mask)
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), pos, -1).max(dim=1).values.clamp(min=0)
 
 

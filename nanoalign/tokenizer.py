@@ -1,15 +1,14 @@
-"""Tokenizer wrapper and the model's own chat template, written as Python functions (nanochat style).
+"""Tokenizer wrapper and the model's own chat template (tokenizer_config.json), written as Python functions.
 
-The template is the model's own (tokenizer_config.json), recognised by its special tokens and rendered by hand rather
-than by a Jinja engine, so that the renderer knows which tokens are the answer's. The ids equal transformers'
-apply_chat_template on each family's real template (tested), and an unknown template is refused. render_chat's mask
-covers each answer *and* its end-of-turn token: a model that never sees EOS in the loss never stops.
+The template is recognised by its special tokens and rendered by hand, not by a Jinja engine, so that the renderer
+knows which tokens are the answer's; the ids equal transformers' apply_chat_template on each family's real template
+(tested). render_chat's mask covers each answer *and* its end-of-turn token: a model never trained on EOS never stops.
 - ChatML (SmolLM2, Qwen2/2.5, Qwen3): <|im_start|>role\\n...<|im_end|>\\n, with the template's default system prompt.
-  Qwen3 writes a <think>...</think> block before its last answer: that block is context, never a target, and
-  render_prompt opens it empty, as Qwen's enable_thinking=False does (nanoalign trains answers, not reasoning).
-- Llama 3: <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>. 3.1+ open with a dated system header; we use
-  the template's fixed date where 3.2's would take today's, so that a run's tokens never depend on the day.
-- Mistral v0.3: <s>[INST] user[/INST] answer</s>. As in its template, a system prompt joins the final user turn only.
+  Qwen3's <think>...</think> block before the last answer is context, never a target; render_prompt opens it empty,
+  as Qwen's enable_thinking=False does (nanoalign trains answers, not reasoning).
+- Llama 3: <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>. 3.1+ open with a dated system header, at the
+  template's fixed date (3.2's would stamp today's), so that a run's tokens never depend on the day.
+- Mistral v0.3: <s>[INST] user[/INST] answer</s>. Its template puts a system prompt in a final user turn only.
 """
 import json
 import os
@@ -19,16 +18,12 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from .cli import UserError
+from .cli import UserError, check
 
 MARKERS = {"<|im_start|>": "chatml", "<|start_header_id|>": "llama3", "[INST]": "mistral"}  # template -> family
 SUPPORTED = "ChatML (SmolLM2, Qwen2/2.5/3), Llama 3.x, Mistral v0.3"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
           " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def _token(t):  # tokenizer_config.json writes a special token as a string or as {"content": ...}
-    return t.get("content") if isinstance(t, dict) else t
 
 
 class Tokenizer:
@@ -40,19 +35,20 @@ class Tokenizer:
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")
         t = t if isinstance(t, str) else ""
         self.family = next((f for marker, f in MARKERS.items() if marker in t), None if t else "chatml")
-        if self.family is None or " [/INST]" in t:  # (Mistral v0.1/v0.2 space their [/INST] differently)
-            raise UserError(f"chat_template not recognised (supported: {SUPPORTED})")
+        check(self.family is not None and " [/INST]" not in t,  # (Mistral v0.1/v0.2 space their [/INST] otherwise)
+              f"chat_template not recognised (supported: {SUPPORTED})")
         self.default_system = next(iter(re.findall(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)), None)
         self.thinking = "<think>" in t  # Qwen3
         dates = re.findall(r'date_string = "([^"]+)"', t) + ["26 Jul 2024"]  # Llama 3.1+: the template's fixed date
         self.date = dates[0] if "Cutting Knowledge Date" in t else None
-        self.bos = _token(config.get("bos_token"))
-        self.end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.family, _token(config.get("eos_token")))
+        # tokenizer_config.json writes a special token as a string or as {"content": ...}
+        self.bos, eos = (x.get("content") if isinstance(x, dict) else x for x in (config.get("bos_token"),
+                                                                                   config.get("eos_token")))
+        self.end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.family, eos)
         needs = {"chatml": ["<|im_start|>"], "llama3": [self.bos, "<|start_header_id|>"], "mistral": [self.bos]}
         for s in needs[self.family] + [self.end]:
-            if not isinstance(s, str) or tok.token_to_id(s) is None:
-                raise UserError(f"tokenizer has no {s} token, which the {self.family} chat template needs"
-                                + ("" if t else " (tokenizer_config.json has no chat_template)"))
+            check(isinstance(s, str) and tok.token_to_id(s) is not None, f"tokenizer has no {s} token, which the "
+                  f"{self.family} chat template needs" + ("" if t else " (tokenizer_config.json has no chat_template)"))
         self.eos_id = self.pad_id = tok.token_to_id(self.end)  # pad == end of turn: padding is masked by position
 
     def encode(self, text: str) -> list[int]:
@@ -83,8 +79,7 @@ class Tokenizer:
     def _llama3(self, msgs, generation):
         out = [(self.bos, False)]
         if self.date:  # 3.1+: a system header always, holding the first system message (if any)
-            system = msgs[0]["content"].strip() if msgs[0]["role"] == "system" else ""
-            msgs = msgs[1:] if msgs[0]["role"] == "system" else msgs
+            system, msgs = (msgs[0]["content"].strip(), msgs[1:]) if msgs[0]["role"] == "system" else ("", msgs)
             out.append(("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
                         f"Today Date: {self.date}\n\n{system}<|eot_id|>", False))
         for m in msgs:
@@ -93,11 +88,11 @@ class Tokenizer:
         return out + [("<|start_header_id|>assistant<|end_header_id|>\n\n", False)] * generation
 
     def _mistral(self, msgs, generation):  # no generation header: a prompt ends with [/INST]
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        msgs, out = msgs[1:] if system is not None else msgs, [(self.bos, False)]
-        for i, m in enumerate(msgs):
-            if m["role"] != ("user", "assistant")[i % 2]:
-                raise ValueError("Mistral's template wants user and assistant turns in turn (after one system turn)")
+        system, msgs = (msgs[0]["content"], msgs[1:]) if msgs[0]["role"] == "system" else (None, msgs)
+        out = [(self.bos, False)]
+        for i, m in enumerate(msgs):  # the template itself raises on any other order
+            check(m["role"] == ("user", "assistant")[i % 2],
+                  "Mistral's chat template wants user and assistant turns in turn (after one system turn)")
             if m["role"] == "user":
                 system_part = f"{system}\n\n" if system is not None and i == len(msgs) - 1 else ""
                 out.append((f"[INST] {system_part}{m['content']}[/INST]", False))
@@ -107,13 +102,6 @@ class Tokenizer:
 
     def _render(self, messages, generation: bool):
         """-> (ids, mask): the pieces joined and tokenized at once; a token is a target if it starts in a target."""
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ValueError("messages must be a non-empty list of message objects")
-        for m in messages:
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"unknown role {m.get('role')!r}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"content of a {m['role']} turn must be a string")
         text, spans = "", []
         for piece, target in getattr(self, "_" + self.family)(messages, generation):
             spans += [(len(text), len(text) + len(piece))] * target
@@ -134,8 +122,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
         tj, tc = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
-        if not os.path.exists(tj):
-            raise UserError(f"{tj}: missing tokenizer file")
+        check(os.path.exists(tj), f"{tj}: missing tokenizer file")
         try:
             tok = HFTokenizer.from_file(tj)
         except Exception as e:
@@ -150,8 +137,7 @@ class Tokenizer:
                     config["chat_template"] = f.read()
         except (OSError, ValueError) as e:
             raise UserError(f"{tc}: not valid JSON ({e})")
-        if not isinstance(config, dict):
-            raise UserError(f"{tc}: not a JSON object")
+        check(isinstance(config, dict), f"{tc}: not a JSON object")
         try:
             return cls(tok, config)
         except UserError as e:  # name the file
@@ -183,8 +169,7 @@ PRE = {"smollm": [pre_tokenizers.Digits(individual_digits=True)], "qwen2": [pre_
 def bpe_tokenizer(tokens, types, merges, pre: str, template: str | None, bos: int, eos: int) -> Tokenizer:
     """A byte-level BPE tokenizer (SmolLM2, Qwen2/3, Llama 3) from a vocabulary, GGUF token types (3: control, 4:
     user-defined, e.g. Qwen3's <think>), merges ("a b") and the name of the pre-tokenizer, as a GGUF file holds them."""
-    if pre not in PRE:
-        raise UserError(f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE)})")
+    check(pre in PRE, f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE)})")
     merges = [tuple(m.split(" ", 1)) for m in merges]
     tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token=None,
                                  ignore_merges=pre == "llama-bpe"))  # Llama 3 takes a word in the vocabulary whole

@@ -2,6 +2,7 @@
 family's real chat template, loads with transformers' logits, trains under all four scripts, saves as that family
 (causal LM and reward model), and its LoRA adapter loads in PEFT equal to the merged checkpoint."""
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ TEMPLATES = os.path.join(ROOT, "tests", "assets", "chat_templates")
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SPECIALS = {  # chat template asset -> the special tokens its tokenizer has
     "smollm2": CHATML, "qwen2": CHATML, "qwen2.5": CHATML, "qwen3": CHATML + ["<think>", "</think>"],
+    "qwen3-0.6b": CHATML + ["<think>", "</think>"],
     "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "mistral-v0.3": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
 }
@@ -47,6 +49,21 @@ FAMILIES = {  # name -> (config.json of a tiny random model, chat template)
 }
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
+
+
+TRL_COPIES = {"qwen2.5": "qwen2_5", "qwen3": "qwen3", "llama3": "llama3", "llama3.2": "llama3_2"}
+
+
+@pytest.mark.parametrize("asset", TRL_COPIES)
+def test_template_assets_are_the_families_real_text(asset):
+    """TRL keeps verbatim copies of these families' templates, checked against the Hub, to recognise a model by
+    exact match; our assets (the oracle's input for every family test) must be the same text."""
+    spec = importlib.util.find_spec("trl")  # located, not imported: importing trl pulls in half of the HF stack
+    path = spec and os.path.join(spec.submodule_search_locations[0], "chat_templates", TRL_COPIES[asset] + ".jinja")
+    if not path or not os.path.exists(path):
+        pytest.skip("needs trl's chat_templates/")
+    with open(os.path.join(TEMPLATES, asset + ".json")) as f, open(path) as g:
+        assert json.load(f)["chat_template"] == g.read()
 
 
 def write_tokenizer(path, template: str) -> int:
