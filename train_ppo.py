@@ -8,8 +8,9 @@ normalises the scores alone and adds β·KL (k3) to the loss (Shao et al. 2024, 
 reward by the group's std would blow tiny KL differences between tied responses up into full advantages. With task
 metadata the gold score is logged beside the RM's (proxy up, gold down: over-optimisation, Gao et al. 2022).
 --bf16 samples from a bf16 copy of the weights, a slightly different policy from the π_old of the update: log.jsonl's
-sampler_mismatch is mean |log π_sampler − log π_old| per sampled token, and --tis-cap C weights each token's policy
-term by min(π_old/π_sampler, C) (truncated importance sampling, as verl and TRL do for vLLM rollouts).
+sampler_mismatch is mean |log π_sampler − log π_old| per sampled token (log π_sampler as generate drew the token), and
+--tis-cap C weights each token's policy term by min(π_old/π_sampler, C) (truncated importance sampling, as verl and
+TRL do for vLLM rollouts).
 Simplified: the value head is a Linear on the policy's hidden states (as TRL; OpenAI trains a separate network); a
 constant lr. Sampling and shuffles are seeded by (seed, iteration) and drawn for the global batch, so --resume needs
 no sampler state, and W torchrun ranks take the steps of one process (up to float summation order).
@@ -122,17 +123,6 @@ def forward_in_chunks(model, value_head, x: Samples, parts: list, cfg: Config, k
 
 
 @torch.no_grad()
-def sampler_logprobs(sampler, x: Samples, temperature: float):
-    """log π_sampler (B, N) of the sampled tokens, the logits computed as generate computes them (its lm_head, then
-    fp32 / T). bf16 rounds differently in a whole-sequence forward than in cached decoding: close to, not equal to,
-    the log-probs generate sampled with."""
-    keep = x.mask.bool()
-    h = packing.response_hidden(sampler, x.seq, x.attn, x.mask, x.P)[keep]
-    lp = torch.log_softmax(sampler.lm_head(h).float() / temperature, -1).gather(-1, x.seq[:, x.P:][keep][:, None])
-    return lp.new_zeros(x.mask.shape).masked_scatter(keep, lp.squeeze(-1))
-
-
-@torch.no_grad()
 def rm_score(rm, x: Samples, cut, eos_id: int, k: int = 1):
     """Reward-model score (B,) at the last real token. An RM only ever saw finished answers, so a row cut off before
     EOS (cut, (B,) bool) is scored closed with an EOS in a new last column, as the gold judge scores it."""
@@ -141,15 +131,28 @@ def rm_score(rm, x: Samples, cut, eos_id: int, k: int = 1):
                                     torch.cat([x.attn, col], 1), torch.cat([x.mask, col], 1), x.P, k)
 
 
-def ptx_nll(model, rows, update: int, cfg: Config, rank: int, world: int):
-    """PPO-ptx (Ouyang et al. 2022, eq. 2, the γ term): the NLL of --ptx-batch demonstrations, drawn in a seeded order
-    that is a pure function of the update's index; a token mean over every rank's rows."""
-    idx = loop.shard(loop.batch_indices(update, cfg.ptx_batch, len(rows), cfg.seed + 1), rank, world)
-    device = model.lm_head.weight.device
-    b = {key: v.to(device) for key, v in collate_sft([rows[j] for j in idx], pad_id=0).items()}  # pads: masked
-    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
-        lp = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"], compiled=cfg.compile)
-    return sft_loss(lp, b["loss_mask"][:, 1:], loop.all_reduce_sum(b["loss_mask"][:, 1:].sum().float()))
+def optional_terms(loss, m: dict, b: dict, model, cfg: Config, beta: float, ptx: list, update: int, rank, world):
+    """The minibatch loss + its optional terms, each logged in m and a sum over this rank's tokens / ALL ranks' count.
+    b: the minibatch's rows of the rollout and of forward's outputs, and n_tok, that count. ptx: the demonstrations."""
+    if b["values"] is not None:  # + c_v · ½ max((V − R)², (V_clip − R)²), V clipped as OpenAI's
+        m["vf_loss"], m["vf_clipfrac"] = rl.ppo_value_loss(b["values"], b["old_values"], b["returns"], b["mask"],
+                                                           cfg.value_clip, b["n_tok"])
+        loss = loss + cfg.vf_coef * m["vf_loss"]
+    if cfg.estimator == "grpo":  # + β·KL per token, the k3 estimator (Shao et al. 2024, eq. 4)
+        m["kl_loss"] = rl.token_mean(rl.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), b["mask"], b["n_tok"])
+        loss = loss + beta * m["kl_loss"]
+    if ptx:  # + γ·NLL of --ptx-batch demonstrations (PPO-ptx, Ouyang et al. 2022, eq. 2), drawn by the update's index
+        idx = loop.shard(loop.batch_indices(update, cfg.ptx_batch, len(ptx), cfg.seed + 1), rank, world)
+        device = model.lm_head.weight.device
+        d = {key: v.to(device) for key, v in collate_sft([ptx[j] for j in idx], pad_id=0).items()}  # pads: masked
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            lp = token_logprobs(model, d["input_ids"], d["attention_mask"], d["loss_mask"], compiled=cfg.compile)
+        m["ptx_loss"] = sft_loss(lp, d["loss_mask"][:, 1:], loop.all_reduce_sum(d["loss_mask"][:, 1:].sum().float()))
+        loss = loss + cfg.ptx_coef * m["ptx_loss"]
+    if cfg.entropy_coef > 0:  # − c_H · H[π(·|s_t)]
+        m["entropy"] = rl.entropy(model.lm_head(b["h"][b["mask"].bool()]).float() / cfg.temperature) / b["n_tok"]
+        loss = loss - cfg.entropy_coef * m["entropy"]
+    return loss
 
 
 def restore(st: dict, kl_ctl, value_head) -> tuple[int, int, tuple | None]:
@@ -184,6 +187,13 @@ def check_flags(cfg: Config, world: int) -> tuple[int, int]:
     return k, k if cfg.share_prompt else 1
 
 
+def read_inputs(cfg: Config) -> tuple[list, list, bool]:
+    """-> (prompt rows, --ptx-data rows, whether every prompt has the gold judge's metadata), all checked up front."""
+    rows = read_prompts(cfg.prompts)
+    check_rows(rows, cfg.prompts, need_all=cfg.reward == "gold")  # the judge's metadata, not minutes into the run
+    return rows, read_sft(cfg.ptx_data, "--ptx-data") if cfg.ptx_data else [], all("constraints" in r for r in rows)
+
+
 def load_models(cfg: Config, device: str):
     """-> policy, tokenizer, reference (None with LoRA: the policy with its adapter off), RM (None: gold), value head
     (None: no critic). No dropout during RL (eval mode, LoRA dropout 0): sampling, reference and update agree."""
@@ -206,13 +216,6 @@ def load_models(cfg: Config, device: str):
             check(rm.cfg.hidden_size == model.cfg.hidden_size, "--value-from-rm: the RM and the policy differ in width")
             value_head.weight.data.copy_(rm.score.weight)
     return model, tok, ref_model, rm, value_head
-
-
-def read_inputs(cfg: Config) -> tuple[list, list, bool]:
-    """-> (prompt rows, --ptx-data rows, whether every prompt has the gold judge's metadata), all checked up front."""
-    rows = read_prompts(cfg.prompts)
-    check_rows(rows, cfg.prompts, need_all=cfg.reward == "gold")  # the judge's metadata, not minutes into the run
-    return rows, read_sft(cfg.ptx_data, "--ptx-data") if cfg.ptx_data else [], all("constraints" in r for r in rows)
 
 
 def tokenize_inputs(tok, rows: list[dict], ptx: list[dict], cfg: Config) -> tuple[list, list]:
@@ -241,20 +244,19 @@ def main(cfg: Config) -> dict:
     parts, first, stats = torch.arange(B).split(max(M // world // share, 1) * share), None, {}  # no-grad forwards
     for step in range(start, cfg.max_steps):
         # 1. rollout: pure sampling at T (top-k/top-p would bias the KL estimate, TRL #235) with uniforms drawn for the
-        #    GLOBAL batch, sharded like the prompts: a response does not depend on the rank that samples it
+        #    GLOBAL batch, sharded like the prompts: a response does not depend on the rank that samples it. --bf16
+        #    samples from a bf16 copy (faster to decode); ro.logprobs are log π_sampler of the tokens it drew
         t0 = time.time()
         loop.progress(rank, f"step {step + 1}/{cfg.max_steps}: sampling {B} responses")
         idx = loop.shard(loop.batch_indices(step, cfg.rollout_batch, len(items), cfg.seed), rank, world)
         batch = [items[i] for i in idx for _ in range(k)]  # the k samples of a prompt are adjacent rows
         u = torch.rand(cfg.rollout_batch, k, cfg.max_new_tokens, generator=loop.seeded(cfg.seed, step))
-        sampler = fast.sampling_copy(model) if cfg.bf16 else model  # --bf16: a bf16 copy, faster to decode
-        ro = generate(sampler, [ids for ids, _ in batch], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature,
-                      compile=cfg.compile, uniforms=loop.shard(u, rank, world).reshape(B, -1).to(device))
+        ro = generate(fast.sampling_copy(model) if cfg.bf16 else model, [ids for ids, _ in batch], cfg.max_new_tokens,
+                      tok.eos_id, tok.pad_id, cfg.temperature, compile=cfg.compile,
+                      uniforms=loop.shard(u, rank, world).reshape(B, -1).to(device))
         x = Samples.of(ro)
-        mask = x.mask
-        sampler_lp = torch.cat([sampler_logprobs(sampler, x[i], cfg.temperature) for i in parts]) if cfg.bf16 else None
+        mask, sampler_lp = x.mask, ro.logprobs[:, :x.mask.shape[1]] if cfg.bf16 else None  # log π_sampler (B, N)
         eos = x.seq[:, x.P:].gather(1, last_token_index(mask)[:, None]).squeeze(1) == tok.eos_id  # by position: pad=EOS
-        del sampler
         t1 = time.time()
 
         # 2. score: the RM at the last real token, or the gold judge on the text; --normalize-reward: mean 0, std 1 on
@@ -268,11 +270,11 @@ def main(cfg: Config) -> dict:
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
 
-        # 3. log-probs of π_old (and V_old) and π_ref: fresh forward passes at the sampling temperature
+        # 3. log-probs of π_old (and V_old) and π_ref: fresh forward passes at the sampling temperature; --tis-cap C
+        #    weights each token's policy term by min(π_old/π_sampler, C)
         old_logprobs, old_values = forward_in_chunks(model, value_head, x, parts, cfg, share)  # (B, N) each
         with disable_adapter(model):  # with LoRA the reference is the policy minus its adapter
             ref_logprobs, _ = forward_in_chunks(ref_model or model, None, x, parts, cfg, share)
-        # --tis-cap C: each token's PPO term weighted by min(π_old/π_sampler, C), the sampler being the bf16 copy
         is_weights = (old_logprobs - sampler_lp).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap else mask.float()
 
         # 4. rewards: r_t = −β·KL_t per token, plus the score on the last response token (Ziegler et al. 2019, §2.2)
@@ -281,6 +283,7 @@ def main(cfg: Config) -> dict:
             rewards = whiten(rewards, mask, shift_mean=False, dist_sum=loop.all_reduce_sum)
         # 5. advantages: GAE on V_old (Schulman et al. 2016, eq. 16), whitened; or one per response from the k of its
         #    prompt: RLOO on score − β·Σ_t KL_t (Ahmadian et al. 2024, §3), GRPO on the scores alone
+        returns = None
         if cfg.estimator == "gae":
             advantages, returns = rl.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             advantages = whiten(advantages, mask, dist_sum=loop.all_reduce_sum)
@@ -291,6 +294,8 @@ def main(cfg: Config) -> dict:
 
         # 6. update: L = max(−Â·ρ, −Â·clip(ρ, 1 ± ε)) + the optional terms (Schulman et al. 2017, eq. 7, 9) on shuffled
         #    minibatches of the GLOBAL responses; each rank takes its rows (maybe none), every term / ALL ranks' tokens
+        rollout = dict(mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                       is_weights=is_weights, old_values=old_values, returns=returns)
         minibatch_stats, n_mb = [], -(-n // M)
         for epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(n // share, generator=loop.seeded(cfg.seed, step, epoch))  # whole prompts when shared
@@ -298,23 +303,14 @@ def main(cfg: Config) -> dict:
             for j in range(n_mb):
                 loop.progress(rank, f"step {step + 1}/{cfg.max_steps}: epoch {epoch + 1}, minibatch {j + 1}/{n_mb}")
                 i = packing.local_rows(perm[j * M:(j + 1) * M], k, rank, world).to(device)
-                n_tok = loop.all_reduce_sum(mask[i].sum().float())
-                logprobs, values, h = forward(model, value_head, x[i], cfg.temperature, cfg.bf16, cfg.compile, share)
-                loss, m = rl.ppo_policy_loss(logprobs, old_logprobs[i], advantages[i], mask[i], cfg.clip, n_tok,
-                                             is_weights[i])  # and m["pg_loss"] = loss
-                if value_head is not None:  # + c_v · ½ max((V − R)², (V_clip − R)²), V clipped as OpenAI's
-                    m["vf_loss"], m["vf_clipfrac"] = rl.ppo_value_loss(values, old_values[i], returns[i], mask[i],
-                                                                       cfg.value_clip, n_tok)
-                    loss = loss + cfg.vf_coef * m["vf_loss"]
-                if cfg.estimator == "grpo":  # + β·KL per token, the k3 estimator (Shao et al. 2024, eq. 4)
-                    m["kl_loss"] = rl.token_mean(rl.kl_penalty(logprobs, ref_logprobs[i], "k3"), mask[i], n_tok)
-                    loss = loss + kl_ctl.value * m["kl_loss"]
-                if ptx:  # + γ·NLL of demonstrations (PPO-ptx), drawn by this update's index in the run
-                    m["ptx_loss"] = ptx_nll(model, ptx, (step * cfg.ppo_epochs + epoch) * n_mb + j, cfg, rank, world)
-                    loss = loss + cfg.ptx_coef * m["ptx_loss"]
-                if cfg.entropy_coef > 0:  # − c_H · H[π(·|s_t)]
-                    m["entropy"] = rl.entropy(model.lm_head(h[mask[i].bool()]).float() / cfg.temperature) / n_tok
-                    loss = loss - cfg.entropy_coef * m["entropy"]
+                b = {key: v[i] for key, v in rollout.items() if v is not None}  # this minibatch's rows
+                b["n_tok"] = loop.all_reduce_sum(b["mask"].sum().float())
+                b["logprobs"], b["values"], b["h"] = forward(model, value_head, x[i], cfg.temperature, cfg.bf16,
+                                                             cfg.compile, share)
+                loss, m = rl.ppo_policy_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], cfg.clip,
+                                             b["n_tok"], b["is_weights"])  # and m["pg_loss"] = loss
+                update = (step * cfg.ppo_epochs + epoch) * n_mb + j  # this update's index in the run (ptx's draw)
+                loss = optional_terms(loss, m, b, model, cfg, kl_ctl.value, ptx, update, rank, world)
                 loss.backward()
                 m["loss"] = loop.all_reduce_sum(loss.detach())  # the minibatch loss, the same on every rank
                 m["grad_norm"] = loop.step_or_skip(opt, params, m["loss"], cfg.lr, step + 1, cfg)  # nan: skipped

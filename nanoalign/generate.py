@@ -3,7 +3,6 @@ next token lands in the same column; positions come from the attention mask, so 
 
     python -m nanoalign.generate --model DIR --prompts prompts.jsonl --out completions.jsonl [--temperature 0]
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from .cli import check, check_ranges, run
 from .data import pad, read_prompts
 from .fast import compiled, sampling_copy
 from .hub import load
+from .tasks import write_jsonl
 
 
 @dataclass
@@ -21,9 +21,9 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P+N) 1 on real prompt and response tokens
     response_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
     prompt_len: int  # P, the padded prompt width
+    logprobs: torch.Tensor  # (B, N) fp32 log-prob of each generated token under the distribution it was drawn from
 
-    def responses(self) -> list[list[int]]:
-        """Generated token ids per row, including the EOS token when the row stopped."""
+    def responses(self) -> list[list[int]]:  # generated token ids per row, with the EOS token when the row stopped
         return [r[m.bool()].tolist() for r, m in zip(self.sequences[:, self.prompt_len:], self.response_mask)]
 
 
@@ -42,15 +42,18 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 
 
 def sample_next(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, generator=None, uniforms=None):
-    """logits (B, V) -> next ids (B,); temperature 0 is greedy. uniforms (B,) in [0, 1) replace draws from generator."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    cdf = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1).cumsum(-1)  # (B, V)
-    # inverse-CDF sampling, one uniform per row (torch.multinomial draws one number per vocabulary entry). Token i
-    # owns [cdf[i-1], cdf[i]); searching on the right side skips a token of probability 0 even at u = 0
+    """logits (B, V) -> next ids (B,) and their fp32 log-probs (B,) under the distribution that drew them (the logits
+    / T, top-k/top-p filtered); temperature 0 is greedy. uniforms (B,) in [0, 1) replace draws from generator."""
+    if temperature == 0:  # log-probs of the unscaled logits: those of the argmax's own point mass would all be 0
+        nxt = logits.argmax(-1)
+        return nxt, logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V), -inf outside top-k/top-p
+    cdf = logits.softmax(-1).cumsum(-1)
+    # inverse-CDF sampling, one uniform per row (torch.multinomial draws one per vocabulary entry). Token i owns
+    # [cdf[i-1], cdf[i]): the right side skips a token of probability 0 even at u = 0; the clamp, a u cast up to 1
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) if uniforms is None else uniforms[:, None]
-    nxt = torch.searchsorted(cdf, u.to(cdf) * cdf[:, -1:], right=True).squeeze(-1)
-    return nxt.clamp(max=cdf.shape[-1] - 1)  # only if u rounded up to 1 on its cast to fp32
+    nxt = torch.searchsorted(cdf, u.to(cdf) * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return nxt, logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
 
 
 def forward_last(model, ids, mask, cache_pos):
@@ -60,9 +63,8 @@ def forward_last(model, ids, mask, cache_pos):
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int | None = None,
              temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False, uniforms=None) -> Rollout:
-    """Sample up to max_new_tokens per prompt; each row stops at its own EOS. compile: the decode step compiled.
-    uniforms: (B, max_new_tokens) U[0, 1) draws, row i's token t from uniforms[i, t], instead of `generator`: a row's
-    sample then does not depend on the rest of the batch (PPO draws them for the global batch, so DDP is exact)."""
+    """Sample up to max_new_tokens per prompt; each row stops at its own EOS. uniforms (B, max_new_tokens) in [0, 1):
+    row i's token t drawn from uniforms[i, t], not `generator`: independent of its batch mates (PPO: exact DDP)."""
     pad_id = eos_id if pad_id is None else pad_id
     device, was_training = next(model.parameters()).device, model.training
     ids = pad(prompts, pad_id, left=True).to(device)  # (B, P)
@@ -72,13 +74,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
     step = compiled(forward_last, decode=True) if compile else forward_last  # see nanoalign.fast
     with torch.inference_mode():  # no autograd bookkeeping at all: less per-op overhead than no_grad
         model.eval().setup_cache(B, P + max_new_tokens)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out, done = torch.full((B, max_new_tokens), pad_id, device=device), torch.zeros(B, device=device).bool()
+        logprobs = torch.zeros(B, max_new_tokens, device=device)  # of each sampled token, as sample_next drew it
         # the prefill stays eager: its width varies from call to call, and each width would be a new compile
         logits = forward_last(model, ids, mask, torch.arange(P, device=device))
-        for t in range(max_new_tokens):
-            u = None if uniforms is None else uniforms[:, t]
-            out[:, t] = nxt = torch.where(done, pad_id, sample_next(logits, temperature, top_k, top_p, generator, u))
+        for t, u in enumerate([None] * max_new_tokens if uniforms is None else uniforms.unbind(1)):
+            nxt, logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, generator, u)
+            out[:, t] = nxt = torch.where(done, pad_id, nxt)
             done = done | (nxt == eos_id)
             if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # sync with the host only every 8 steps
                 break
@@ -86,9 +88,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         model.clear_cache()
     model.train(was_training)
     eos = out == eos_id
-    response_mask = (eos.cumsum(1) - eos.long() == 0).long()  # (B, N): 1 up to and including each row's first EOS
+    resp_mask = (eos.cumsum(1) - eos.long() == 0).long()  # (B, N): 1 up to and including each row's first EOS
     # made outside inference mode, so PPO can train on them (inference tensors cannot be saved for backward)
-    return Rollout(torch.cat([ids, out], 1), torch.cat([mask[:, :P], response_mask], 1), response_mask, P)
+    return Rollout(torch.cat([ids, out], 1), torch.cat([mask[:, :P], resp_mask], 1), resp_mask, P, logprobs * resp_mask)
 
 
 def generate_texts(model, tok, prompts, max_new_tokens=128, temperature=0.0, seed=0, batch_size=16, top_k=0,
@@ -129,9 +131,7 @@ def main(cfg: Config):
     model = sampling_copy(model) if cfg.bf16 else model
     texts = generate_texts(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.seed,
                            cfg.batch_size, cfg.top_k, cfg.top_p, cfg.compile)
-    with open(cfg.out + ".tmp", "w") as f:  # then renamed: a crash never leaves a half-written file at --out
-        f.writelines(json.dumps({"prompt": r["prompt"], "completion": t}) + "\n" for r, t in zip(rows, texts))
-    os.replace(cfg.out + ".tmp", cfg.out)
+    write_jsonl(cfg.out, [{"prompt": r["prompt"], "completion": t} for r, t in zip(rows, texts)])  # via a temp file
     print(f"wrote {len(texts)} completions to {cfg.out}")
     return {"n": len(texts)}
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -121,29 +122,67 @@ def test_sampling_is_reproducible_with_the_same_seed(tiny):
 def test_sample_next_top_k_and_top_p_keep_the_right_tokens():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).expand(2000, 4)
-    drawn = sample_next(logits, 1.0, top_k=2, generator=g)
+    drawn = sample_next(logits, 1.0, top_k=2, generator=g)[0]
     assert set(drawn.tolist()) == {2, 3}
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 0.5, 0.3 | 0.15, 0.05
-    drawn = sample_next(probs.log().expand(2000, 4), 1.0, top_p=0.7, generator=g)
+    drawn = sample_next(probs.log().expand(2000, 4), 1.0, top_p=0.7, generator=g)[0]
     assert set(drawn.tolist()) == {1, 3}  # the smallest prefix with mass >= 0.7
     frac = (drawn == 1).float().mean().item()
     assert abs(frac - 0.5 / 0.8) < 0.05  # renormalised over the kept tokens
-    assert sample_next(logits[:1], 0.0).tolist() == [3]
-
+    assert sample_next(logits[:1], 0.0)[0].tolist() == [3]
 
 
 def test_sample_next_with_given_uniforms_inverts_the_cdf():
     # four equal logits: p = 1/4 each and the cdf 0.25, 0.5, 0.75, 1 exactly. Token i owns [cdf[i-1], cdf[i])
     u = torch.tensor([0.0, 0.2499, 0.25, 0.5, 0.7499, 0.75, 0.9999])
-    assert sample_next(torch.zeros(7, 4), 1.0, uniforms=u).tolist() == [0, 0, 1, 2, 2, 3, 3]
+    assert sample_next(torch.zeros(7, 4), 1.0, uniforms=u)[0].tolist() == [0, 0, 1, 2, 2, 3, 3]
 
 
 def test_u_at_zero_never_picks_a_token_of_probability_zero():
     u0 = torch.zeros(1)
-    assert sample_next(torch.tensor([[float("-inf"), 0.0, 0.0]]), 1.0, uniforms=u0).tolist() == [1]
+    assert sample_next(torch.tensor([[float("-inf"), 0.0, 0.0]]), 1.0, uniforms=u0)[0].tolist() == [1]
     # top-k removes token 0 (the least likely); u = 0 must land on the first kept token, not on it
-    assert sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_k=2, uniforms=u0).tolist() == [1]
-    assert sample_next(torch.tensor([[0.0, 1.0, 2.0]]), 1.0, top_p=0.5, uniforms=u0).tolist() == [2]
+    assert sample_next(torch.tensor([[0.0, 2.0, 1.0]]), 1.0, top_k=2, uniforms=u0)[0].tolist() == [1]
+    assert sample_next(torch.tensor([[0.0, 1.0, 2.0]]), 1.0, top_p=0.5, uniforms=u0)[0].tolist() == [2]
+
+
+def test_sample_next_returns_the_log_prob_of_the_distribution_it_drew_from():
+    """log p of the drawn token after temperature and the top-k/top-p cut, worked by hand; greedy: the unscaled one."""
+    logits, u = torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([0.9])
+    nxt, lp = sample_next(logits, 0.5, top_k=2, uniforms=u)  # logits / T = [0, 2, 4, 6]; top 2: p ∝ [e^4, e^6]
+    assert nxt.tolist() == [3] and lp.item() == pytest.approx(-math.log(1 + math.exp(-2)), abs=1e-6)
+    nxt, lp = sample_next(logits, 0.5, top_k=2, uniforms=torch.tensor([0.1]))  # u < 1/(1 + e²): the second best
+    assert nxt.tolist() == [2] and lp.item() == pytest.approx(-math.log(1 + math.exp(2)), abs=1e-6)
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # top_p 0.7 keeps 0.5 and 0.3, renormalised to 5/8 and 3/8
+    nxt, lp = sample_next(probs.log(), 1.0, top_p=0.7, uniforms=torch.tensor([0.0]))
+    assert nxt.tolist() == [1] and lp.item() == pytest.approx(math.log(5 / 8), abs=1e-6)
+    nxt, lp = sample_next(logits, 0.0)  # greedy: log softmax of the logits at T = 1, no cut
+    assert nxt.tolist() == [3] and lp.item() == pytest.approx(3 - math.log(sum(math.exp(i) for i in range(4))))
+    assert lp.dtype == torch.float32 and sample_next(logits.bfloat16(), 0.7)[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("top_k", [0, 20])
+def test_rollout_logprobs_equal_a_plain_forward_over_the_finished_sequences(top_k):
+    """Rollout.logprobs from the cached decode == log softmax of (a full forward's logits / T, cut to the top k) at
+    each sampled token; 0 after each row's EOS. The EOS is a token that row 0 samples at step 3 (found in a first run
+    with the same seed), so rows stop at different steps."""
+    model, T, N = chaotic(), 0.7, 12
+    prompts = prompts_of([4, 9, 6, 2], seed=7)
+    run = lambda eos: generate(model, prompts, N, eos_id=eos, pad_id=0, temperature=T, top_k=top_k,
+                               generator=torch.Generator().manual_seed(0))
+    eos = run(NEVER).responses()[0][3]
+    ro = run(eos)
+    P, mask = ro.prompt_len, ro.response_mask
+    assert mask[0].tolist() == [1] * 4 + [0] * (N - 4) and 0 < mask.sum() < mask.numel()  # they stop, not all at once
+    with torch.no_grad():
+        logits = model(ro.sequences, ro.attention_mask)[:, P - 1:-1].float() / T  # (B, N, V): the next-token logits
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[..., -1:], float("-inf"))
+    want = torch.log_softmax(logits, -1).gather(-1, ro.sequences[:, P:, None]).squeeze(-1)  # padding: maybe -inf
+    want = torch.where(mask.bool(), want, 0.0)
+    torch.testing.assert_close(ro.logprobs, want, atol=1e-5, rtol=0)
+    assert (ro.logprobs[mask == 0] == 0).all() and (ro.logprobs[mask == 1] < 0).all()
+    assert ro.logprobs.dtype == torch.float32 and not ro.logprobs.is_inference()  # PPO can use it in a loss
 
 
 def test_top_p_drops_a_token_whose_preceding_mass_equals_top_p():

@@ -14,8 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fault_driver  # noqa: E402
 import train_ppo  # noqa: E402
 
-from nanoalign import fast, hub, loop, rl  # noqa: E402
-from nanoalign import generate as generate_module  # noqa: E402
+from nanoalign import hub, loop, rl  # noqa: E402
 from nanoalign.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from nanoalign.cli import UserError, parse_cli  # noqa: E402
 from nanoalign.data import collate_sft, read_sft, tokenize_sft  # noqa: E402
@@ -105,30 +104,31 @@ def test_shared_prompt_rows_give_the_unshared_logprobs_and_values(tiny):
     assert (lp_s[x.mask == 0] == 0).all() and (lp_s[x.mask == 1] < 0).all()
 
 
-def test_sampler_logprobs_are_the_ones_generate_sampled_with(tiny, monkeypatch):
-    """sampler_logprobs, a forward pass over the rollout, gives the log-probs of generate's cached decoding: equal in
-    fp32, and within bf16 rounding for the bf16 copy, which differs from the fp32 policy by more than that."""
-    model, tok = tiny
-    seen = []
-    sample_next = generate_module.sample_next
+def test_bf16_sampler_logprobs_are_generates_cut_to_the_rollout(tmp_path, monkeypatch):
+    """--bf16: log π_sampler is Rollout.logprobs, generate's log-prob of each token as it drew it from the bf16 copy,
+    cut to the columns some response reached (3 empty ones are appended here, as a decode loop that runs on past the
+    last EOS until its next check leaves them), and sampler_mismatch = Σ|log π_sampler − log π_old| / Σ tokens."""
+    real_generate, per_token_rewards, seen = train_ppo.generate, rl.per_token_rewards, {}
 
-    def spy(logits, temperature, *args, **kwargs):
-        nxt = sample_next(logits, temperature, *args, **kwargs)
-        seen.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, nxt[:, None]).squeeze(-1))
-        return nxt
-    monkeypatch.setattr(generate_module, "sample_next", spy)
-    prompts = [tok.render_prompt(f"Note {i}.") for i in range(4)]
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
-        seen.clear()
-        sampler = fast.sampling_copy(model, dtype)
-        x = Samples.of(generate_module.generate(sampler, prompts, 12, tok.eos_id, tok.pad_id, 0.7,
-                                                generator=torch.Generator().manual_seed(0)))
-        decoded = torch.stack(seen, 1)[:, :x.mask.shape[1]] * x.mask
-        lp = train_ppo.sampler_logprobs(sampler, x, 0.7)
-        assert (lp - decoded).abs().max() <= tol, dtype
-    with torch.no_grad():
-        old = train_ppo.forward(model, None, x, 0.7)[0]
-    assert (lp - old).abs().max() > 10 * (lp - decoded).abs().max()  # bf16 weights: another policy, measurably
+    def generate_then_pad(*args, **kwargs):
+        seen["ro"] = ro = real_generate(*args, **kwargs)
+        for name in ("sequences", "attention_mask", "response_mask", "logprobs"):
+            t = getattr(ro, name)
+            setattr(ro, name, torch.cat([t, torch.zeros_like(t[:, :3])], 1))
+        return ro
+
+    def spy(scores, logprobs, *args, **kwargs):  # log π_old, from the policy's forward (trunk autocast to bf16)
+        seen["old"] = logprobs.clone()
+        return per_token_rewards(scores, logprobs, *args, **kwargs)
+    monkeypatch.setattr(train_ppo, "generate", generate_then_pad)
+    monkeypatch.setattr(rl, "per_token_rewards", spy)
+    log, _ = ppo(tmp_path, "bf16", "--estimator", "rloo", "--rollout-batch", "4", "--samples-per-prompt", "4",
+                 "--ppo-epochs", "1", "--max-steps", "1", "--bf16")
+    ro, old = seen["ro"], seen["old"]
+    N = old.shape[1]
+    assert N == ro.logprobs.shape[1] - 3 and (ro.logprobs[:, N:] == 0).all() and (ro.logprobs[:, :N] != 0).any()
+    want = (ro.logprobs[:, :N] - old).abs().sum() / ro.response_mask.sum()
+    assert want > 1e-4 and log[0]["sampler_mismatch"] == pytest.approx(float(want), rel=1e-5)  # another policy
 
 
 def test_reward_model_score_is_read_at_the_last_real_token(tiny):
