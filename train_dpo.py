@@ -36,7 +36,7 @@ from nanoalign.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, robust_dpo
 from nanoalign.packing import collate_shared, pair_lengths, pair_logprobs
 from nanoalign.prefs import collate_pairs, collate_unpaired, read_kto, tokenize_prefs
 
-LOSSES, REFERENCE_FREE = ("sigmoid", "cdpo", "robust", "ipo", "simpo", "orpo", "kto"), ("simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # losses that need no π_ref
 
 
 @dataclass
@@ -77,36 +77,19 @@ class Config:
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
 
 
-def check_flags(cfg: Config):
-    """Nonsense values are one-line errors (exit 2) before anything is loaded."""
-    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr", "beta"),
-                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "lora_rank",
-                               "orpo_lambda", "rpo_alpha"))
-    check(cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    check(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-    check(not cfg.label_smoothing or cfg.loss in ("sigmoid", "cdpo", "robust", "simpo"),
-          f"--label-smoothing does not apply to --loss {cfg.loss}")
-    check(cfg.loss != "kto" or cfg.batch_size > 1 and not cfg.precompute_ref, "--loss kto needs --batch-size > 1 "
-          "(z0 uses mismatched pairs) and no --precompute-ref")
-
-
-def autocast(cfg, device):  # --bf16: the model's matmuls in bf16; the log-probs and the losses stay fp32
-    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16)
-
-
 def pair_losses(model, ref_model, batch, exs, cfg):
-    """B pairs -> (losses, chosen_rewards, rejected_rewards), each (B,): log π(y|x) of both responses under the
-    policy and π_ref, then --loss. IPO (as TRL does it), SimPO and ORPO compare per-token averages (/ lengths)."""
+    """B pairs -> (losses, chosen_rewards, rejected_rewards), each (B,). As Mitchell's concatenated_forward, ONE forward
+    gives log π(y|x) of chosen and rejected: for the policy, then (no gradient) for π_ref; then --loss."""
     policy_chosen_logps, policy_rejected_logps = pair_logprobs(model, batch, cfg.compile)
-    reference_chosen_logps = reference_rejected_logps = None  # simpo and orpo need no reference
+    reference_chosen_logps = reference_rejected_logps = None
     if cfg.precompute_ref and cfg.loss not in REFERENCE_FREE:  # stored in each example by main's step 3
         reference_chosen_logps, reference_rejected_logps = torch.tensor([e["ref_logps"] for e in exs],
                                                                         device=policy_chosen_logps.device).T
     elif cfg.loss not in REFERENCE_FREE:
         with torch.no_grad(), disable_adapter(ref_model):  # π_ref: the policy without its LoRA adapter (or a copy)
             reference_chosen_logps, reference_rejected_logps = pair_logprobs(ref_model, batch, cfg.compile)
-    chosen_lengths, rejected_lengths = pair_lengths(batch)
-    policy_chosen_avg = policy_chosen_logps / chosen_lengths  # per-token averages
+    chosen_lengths, rejected_lengths = pair_lengths(batch)  # IPO (as TRL does it), SimPO, ORPO: per-token averages
+    policy_chosen_avg = policy_chosen_logps / chosen_lengths
     policy_rejected_avg = policy_rejected_logps / rejected_lengths
     if cfg.loss in ("sigmoid", "cdpo", "robust"):
         losses, chosen_rewards, rejected_rewards = (robust_dpo_loss if cfg.loss == "robust" else dpo_loss)(
@@ -144,9 +127,8 @@ def sums_of(losses, chosen_rewards, rejected_rewards, kto: bool = False) -> dict
     """What a log line averages, summed. Right: a pair whose chosen reward beats the rejected one (kto: a row whose
     reward has its label's sign)."""
     right = (chosen_rewards > 0).sum() + (rejected_rewards < 0).sum() if kto else (chosen_rewards > rejected_rewards)
-    right = float(right.sum())
-    return dict(pairs=len(losses), right=right, loss=float(losses.detach().sum()), chosen=len(chosen_rewards),
-                rejected=len(rejected_rewards), chosen_rewards=float(chosen_rewards.sum()),
+    return dict(pairs=len(losses), right=float(right.sum()), loss=float(losses.detach().sum()),
+                chosen=len(chosen_rewards), rejected=len(rejected_rewards), chosen_rewards=float(chosen_rewards.sum()),
                 rejected_rewards=float(rejected_rewards.sum()))
 
 
@@ -161,10 +143,17 @@ def summarize(totals: Counter, device, prefix: str = "") -> dict:
 
 
 def main(cfg: Config) -> dict:
-    # 0. flags, then this process's device and rank (torchrun: one process per rank)
-    check_flags(cfg)
-    device, rank, world = loop.setup(cfg.seed, cfg.device)
+    # 0. flags (nonsense is a one-line error, exit 2, before anything is loaded), then this process's device and rank
+    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr", "beta"),
+                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "orpo_lambda",
+                               "rpo_alpha"))
+    check(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    check(not cfg.label_smoothing or cfg.loss in ("sigmoid", "cdpo", "robust", "simpo"),
+          f"--label-smoothing does not apply to --loss {cfg.loss}")
     kto = cfg.loss == "kto"
+    check(not kto or cfg.batch_size > 1 and not cfg.precompute_ref, "--loss kto needs --batch-size > 1 (z0 uses "
+          "mismatched pairs) and no --precompute-ref")
+    device, rank, world = loop.setup(cfg.seed, cfg.device)
 
     # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now, written at step 4
     rows = read_kto(cfg.data) if kto else read_prefs(cfg.data)
@@ -177,9 +166,7 @@ def main(cfg: Config) -> dict:
                                     max_len=cfg.max_len)
     frozen_copy = cfg.lora_rank == 0 and not cfg.precompute_ref and cfg.loss not in REFERENCE_FREE
     ref_model = copy.deepcopy(model).requires_grad_(False).eval() if frozen_copy else model
-    model.train()
-    if cfg.compile:  # fused RMSNorm/RoPE/SwiGLU (the matmuls and attention stay eager)
-        model = fast.compile_pointwise(model)
+    model = fast.compile_pointwise(model) if cfg.compile else model  # fused RMSNorm/RoPE/SwiGLU kernels
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
@@ -193,7 +180,7 @@ def main(cfg: Config) -> dict:
 
     if cfg.precompute_ref and cfg.loss not in REFERENCE_FREE:  # the policy IS π_ref until the first step
         everything = examples + eval_examples
-        with torch.no_grad(), disable_adapter(ref_model), autocast(cfg, device):
+        with torch.no_grad(), disable_adapter(ref_model), loop.autocast(cfg.bf16, device):
             for exs in (everything[k:k + cfg.batch_size] for k in range(0, len(everything), cfg.batch_size)):
                 for e, c, r in zip(exs, *pair_logprobs(ref_model, collate(exs), cfg.compile)):
                     e["ref_logps"] = (float(c), float(r))
@@ -203,25 +190,24 @@ def main(cfg: Config) -> dict:
     start, skipped = st["step"], st["extra"].get("skipped", 0)
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start,
                     show=("loss", "accuracy", "margin", "eval_accuracy", "tokens_per_s"))
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    eval_cfg = replace(cfg, loss="sigmoid") if kto else cfg
+    global_batch = cfg.batch_size * cfg.grad_accum * world  # pairs (kto: rows) per step, over all ranks
+    eval_cfg = replace(cfg, loss="sigmoid") if kto else cfg  # held-out pairs: a kto run is scored as DPO
     totals, seen, t_log, loss, first_loss, train_metrics, eval_metrics = Counter(), 0, time.time(), None, None, {}, {}
     for step in range(start, cfg.max_steps):
         # 5. this rank's share of the global batch, as micro-batches
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
         micro = [[examples[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, len(idx), cfg.batch_size)]
-        n_global = loop.all_reduce_sum(torch.tensor(float(len(idx)), device=device))  # pairs (kto: rows), all ranks
 
         # 6. per micro-batch: log π(y|x) of chosen and rejected under the policy and π_ref, the loss, its backward.
         #    Summed per-pair losses / the GLOBAL pair count, so micro-batches and ranks add up to one big batch
         loss_sum = torch.zeros((), device=device)
         for exs in micro:
             batch = collate(exs)
-            with autocast(cfg, device):
+            with loop.autocast(cfg.bf16, device):
                 losses, chosen_rewards, rejected_rewards = (kto_losses(model, ref_model, batch, cfg) if kto else
                                                             pair_losses(model, ref_model, batch, exs, cfg))
-            (losses.sum() / n_global).backward()
-            loss_sum += losses.detach().sum() / n_global
+            (losses.sum() / global_batch).backward()
+            loss_sum += losses.detach().sum() / global_batch
             totals.update(sums_of(losses, chosen_rewards, rejected_rewards, kto))
             seen += float(batch["branch_ids"].ge(0).sum() if "branch_ids" in batch else batch["attention_mask"].sum())
         loss_t = loop.all_reduce_sum(loss_sum)
@@ -237,9 +223,9 @@ def main(cfg: Config) -> dict:
         # 8. eval (every --eval-every steps and at the end), log the means since the last line, save
         last, metrics = step + 1 == cfg.max_steps, {}
         if eval_examples and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            model.eval()  # held-out pairs, each rank on its share; a kto run is scored as DPO
+            model.eval()  # each rank scores its share of the held-out pairs
             mine, eval_totals = loop.shard(eval_examples, rank, world), Counter()
-            with torch.no_grad(), autocast(cfg, device):
+            with torch.no_grad(), loop.autocast(cfg.bf16, device):
                 for exs in (mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)):
                     eval_totals.update(sums_of(*pair_losses(model, ref_model, collate(exs), exs, eval_cfg)))
             model.train()

@@ -3,7 +3,7 @@
 Ouyang et al. 2022 ("InstructGPT", §3.5, eq. 1), after Stiennon et al. 2020 and Bradley & Terry 1952:
 
     r(x, y) = w · h_last(x, y)                       the score head, read at the response's LAST REAL token
-    L = −log σ(r(x, y_c) − r(x, y_r) − m) + λ·(r(x, y_c) + r(x, y_r))²      averaged over the GLOBAL batch of pairs
+    L = −log σ(r(x, y_c) − r(x, y_r) − m) + λ·(r(x, y_c) + r(x, y_r))²    averaged over the GLOBAL batch of pairs
 
 m is --margin (Llama 2 uses a per-pair margin from the annotators' rating gap; here one constant); the second term is
 --center-rewards (Eisenstein et al. 2023, λ ≈ 0.01): BT only sees differences, so without it the rewards drift by an
@@ -18,8 +18,8 @@ Run:
     torchrun --nproc_per_node=2 train_rm.py ...                          # data parallel
 
 Simplifications: one scalar per sequence; a single constant margin; data order and all-reduce as in train_sft.py.
-The saved pad_token_id is <|endoftext|>, not <|im_end|>: transformers reads the score at the last token that is not
-pad_token_id, and every response ends with <|im_end|>, which is where this RM reads it.
+The saved pad_token_id is not <|im_end|>: transformers reads the score at the last token that is not pad_token_id,
+and every response ends with <|im_end|>, which is where this RM reads it.
 """
 import math
 import time
@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import loop
+from nanoalign import fast, loop
 from nanoalign.cli import Logger, check_ranges
 from nanoalign.data import read_prefs
-from nanoalign.fast import compile_pointwise
 from nanoalign.losses import bradley_terry_loss
 from nanoalign.packing import collate_shared, pair_rewards
 from nanoalign.prefs import collate_pairs, tokenize_prefs
@@ -72,9 +71,8 @@ class Config:
 
 def rewards_of(model, batch, device, bf16=False):
     """(r(x, y_c), r(x, y_r)), each (B,) fp32: the score head at each response's last token, either batch layout."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-        return pair_rewards(model, batch)
+    with loop.autocast(bf16, device):
+        return pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
 
 
 def pair_stats(chosen_rewards, rejected_rewards) -> Counter:
@@ -93,17 +91,6 @@ def summarize(stats: Counter, device, prefix: str = "") -> dict:
             f"{prefix}reward_mean": mean, f"{prefix}reward_std": max(mean_sq - mean * mean, 0.0) ** 0.5}
 
 
-@torch.no_grad()
-def evaluate(model, examples, collate, cfg, device, rank, world) -> dict:
-    """summarize() over held-out pairs (each rank takes a share; the sums are added over ranks)."""
-    model.eval()
-    mine, stats = loop.shard(examples, rank, world), Counter()
-    for k in range(0, len(mine), cfg.batch_size):
-        stats.update(pair_stats(*rewards_of(model, collate(mine[k:k + cfg.batch_size]), device, cfg.bf16)))
-    model.train()
-    return summarize(stats, device, "eval_")
-
-
 def main(cfg: Config) -> dict:
     # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
     check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"),
@@ -118,7 +105,7 @@ def main(cfg: Config) -> dict:
     # 2. model: the SFT model + a fresh score head (an RM checkpoint keeps its own); NF4 base and LoRA optional
     model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
                                     max_len=cfg.max_len, score_head=True, seed=cfg.seed)
-    model = compile_pointwise(model) if cfg.compile else model
+    model = fast.compile_pointwise(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
@@ -135,14 +122,12 @@ def main(cfg: Config) -> dict:
     start, skipped = state["step"], state["extra"].get("skipped", 0)
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    stats, losses, eval_metrics, train_metrics = Counter(), [], {}, {}
-    tokens, t_log = 0.0, time.time()
+    stats, losses, tokens, t_log, train_metrics, eval_metrics = Counter(), [], 0.0, time.time(), {}, {}
     for step in range(start, cfg.max_steps):
         # 5. this rank's share of the global batch of pairs as micro-batches, and the pairs of the GLOBAL batch
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
         micro = [[examples[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, len(idx), cfg.batch_size)]
-        counts = loop.all_reduce_dict({"pairs": len(idx), "tokens": sum(lengths[i] for i in idx)}, device)
-        tokens += counts["tokens"]
+        tokens += loop.all_reduce_dict({"tokens": sum(lengths[i] for i in idx)}, device)["tokens"]
 
         # 6. forward + backward per micro-batch: the summed pair losses / the global pair count add up exactly
         loss_sum = torch.zeros((), device=device)
@@ -150,7 +135,7 @@ def main(cfg: Config) -> dict:
             chosen_rewards, rejected_rewards = rewards_of(model, collate(pairs), device, cfg.bf16)  # (B,), (B,)
             # −log σ(r(x, y_c) − r(x, y_r) − m) + λ·(r(x, y_c) + r(x, y_r))², summed / the global pair count
             loss = bradley_terry_loss(chosen_rewards, rejected_rewards, cfg.margin, cfg.center_rewards)
-            loss = loss.sum() / counts["pairs"]
+            loss = loss.sum() / global_batch
             loss.backward()
             loss_sum += loss.detach()
             stats.update(pair_stats(chosen_rewards, rejected_rewards))
@@ -159,15 +144,21 @@ def main(cfg: Config) -> dict:
         # 7. the optimizer step at the scheduled lr (a non-finite loss stops the run, or is skipped: grad_norm nan)
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
-        if math.isnan(grad_norm):
-            skipped += 1
-        else:
+        if math.isfinite(grad_norm):
             losses.append(float(step_loss))
+        else:
+            skipped += 1
 
         # 8. eval (every --eval-every steps and at the end), log (training metrics since the last line), save
         metrics, last = {}, step + 1 == cfg.max_steps
         if eval_examples and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            metrics = eval_metrics = evaluate(model, eval_examples, collate, cfg, device, rank, world)
+            model.eval()  # each rank scores its share of the held-out pairs
+            mine, eval_stats = loop.shard(eval_examples, rank, world), Counter()
+            with torch.no_grad():
+                for exs in (mine[k:k + cfg.batch_size] for k in range(0, len(mine), cfg.batch_size)):
+                    eval_stats.update(pair_stats(*rewards_of(model, collate(exs), device, cfg.bf16)))
+            model.train()
+            metrics = eval_metrics = summarize(eval_stats, device, "eval_")
         if (step + 1) % cfg.log_every == 0 or step == start or last or metrics:
             train_metrics = summarize(stats, device)
             logger.log(step + 1, loss=float(step_loss), **train_metrics, lr=lr, grad_norm=grad_norm,
@@ -179,9 +170,6 @@ def main(cfg: Config) -> dict:
     # 9. the merged checkpoint as an HF LlamaForSequenceClassification (+ adapter/ with LoRA) and metrics.json
     result = {"loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None, **train_metrics,
               **eval_metrics, "steps": cfg.max_steps, "skipped_steps": skipped, "train_pairs": len(examples)}
-    endoftext = tok.tok.token_to_id("<|endoftext|>")
-    if endoftext is not None:  # transformers reads the score at the last token != pad_token_id (see the docstring)
-        model.cfg.pad_token_id = endoftext
     loop.finish(cfg.out, model, tok, result, rank, lora=cfg.lora_rank > 0)
     return result
 

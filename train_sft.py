@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import loop
+from nanoalign import fast, loop
 from nanoalign.cli import Logger, check_ranges
 from nanoalign.data import collate_sft, read_sft, tokenize_sft
-from nanoalign.fast import compile_pointwise
 from nanoalign.logprobs import token_logprobs
 from nanoalign.losses import sft_loss
 from nanoalign.packing import collate_packed, pack_sft
@@ -69,22 +68,10 @@ class Config:
 def batch_loss(model, batch, num_tokens, cfg, device):
     """−Σ mask_t · log π(y_t | y_<t) / N for one micro-batch: divided by the GLOBAL N, the micro-batches add up."""
     b = {k: v.to(device) for k, v in batch.items()}
-    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16):
+    with loop.autocast(cfg.bf16, device):
         logprobs = token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"],
                                   position_ids=b.get("position_ids"), compiled=cfg.compile)  # (B, T-1), fp32
     return sft_loss(logprobs, b["loss_mask"][:, 1:], num_tokens)  # target t+1 is predicted at position t
-
-
-@torch.no_grad()
-def evaluate(model, examples, cfg, device, pad_id, rank, world) -> float:
-    """Token-mean NLL over held-out rows (each rank takes a share; the sums are added over ranks)."""
-    model.eval()
-    mine = loop.shard(examples, rank, world)
-    batches = [collate_sft(mine[k:k + cfg.batch_size], pad_id) for k in range(0, len(mine), cfg.batch_size)]
-    total = loop.all_reduce_dict({"nll": sum(float(batch_loss(model, b, 1.0, cfg, device)) for b in batches),
-                                  "n": sum(float(b["loss_mask"][:, 1:].sum()) for b in batches)}, device)
-    model.train()
-    return total["nll"] / total["n"]
 
 
 def main(cfg: Config) -> dict:
@@ -101,7 +88,7 @@ def main(cfg: Config) -> dict:
     # 2. model: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA); AdamW over the trainable weights
     model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
                                     max_len=cfg.max_len)
-    model = compile_pointwise(model) if cfg.compile else model
+    model = fast.compile_pointwise(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 
@@ -109,9 +96,7 @@ def main(cfg: Config) -> dict:
     examples = tokenize_sft(tok, rows, cfg.max_len, cfg.train_on_prompt, cfg.truncate, cfg.data, rank == 0)
     eval_examples = tokenize_sft(tok, eval_rows, cfg.max_len, False, cfg.truncate, cfg.eval_data,
                                  rank == 0) if eval_rows else []
-    if cfg.pack:
-        examples = pack_sft(examples, cfg.max_len)
-    collate = collate_packed if cfg.pack else collate_sft
+    examples, collate = (pack_sft(examples, cfg.max_len), collate_packed) if cfg.pack else (examples, collate_sft)
     lengths = [sum(len(ids) for ids, _ in row) if cfg.pack else len(row[0]) for row in examples]  # for tokens/s
 
     # 4. record the run in --out, or resume it: trainable weights, optimizer, RNGs, step (the data position follows)
@@ -119,8 +104,7 @@ def main(cfg: Config) -> dict:
     start, skipped = state["step"], state["extra"].get("skipped", 0)
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    first_loss = loss = eval_loss = None
-    tokens, t_log = 0.0, time.time()
+    tokens, t_log, loss, first_loss, eval_loss = 0.0, time.time(), None, None, None
     for step in range(start, cfg.max_steps):
         # 5. this rank's share of the global batch as micro-batches, and N: the target tokens of the GLOBAL batch
         idx = loop.shard(loop.batch_indices(step, global_batch, len(examples), cfg.seed), rank, world)
@@ -141,16 +125,24 @@ def main(cfg: Config) -> dict:
         # 7. the optimizer step at the scheduled lr (a non-finite loss stops the run, or is skipped: grad_norm nan)
         lr = loop.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
-        if math.isnan(grad_norm):
-            skipped += 1
+        if math.isfinite(grad_norm):
+            loss, first_loss = float(step_loss), float(step_loss) if first_loss is None else first_loss
         else:
-            loss = float(step_loss)
-            first_loss = loss if first_loss is None else first_loss
+            skipped += 1
 
         # 8. eval (every --eval-every steps and at the end), log, save
         metrics, last = {}, step + 1 == cfg.max_steps
         if eval_examples and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            eval_loss = metrics["eval_loss"] = evaluate(model, eval_examples, cfg, device, tok.pad_id, rank, world)
+            model.eval()  # the token-mean NLL of the held-out rows, each rank on its share
+            mine, nll, n = loop.shard(eval_examples, rank, world), 0.0, 0.0
+            with torch.no_grad():
+                for k in range(0, len(mine), cfg.batch_size):
+                    b = collate_sft(mine[k:k + cfg.batch_size], tok.pad_id)
+                    nll += float(batch_loss(model, b, 1.0, cfg, device))  # summed over the tokens: N = 1
+                    n += float(b["loss_mask"][:, 1:].sum())
+            model.train()
+            total = loop.all_reduce_dict({"nll": nll, "n": n}, device)
+            eval_loss = metrics["eval_loss"] = total["nll"] / total["n"]
         if (step + 1) % cfg.log_every == 0 or step == start or last or metrics:
             logger.log(step + 1, loss=float(step_loss), lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens / (time.time() - t_log), skipped=skipped, **metrics)

@@ -22,6 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nanoalign.fast import compile_pointwise  # noqa: E402
 from nanoalign.hub import load  # noqa: E402
 from nanoalign.logprobs import logprobs_chunked, logprobs_naive, token_logprobs  # noqa: E402
 from nanoalign.nf4 import NF4Linear  # noqa: E402
@@ -73,7 +74,7 @@ def check_nf4(device) -> dict:
     diffs = {}
     for compiled in (False, True):
         q = NF4Linear(lin).to(device)
-        q.compile = compiled
+        q = compile_pointwise(q) if compiled else q
         diffs["compiled" if compiled else "eager"] = float((q(x) - x @ q.dequantize().T).abs().max())
     return {"check": "nf4", "max_abs_diff": diffs, "ok": all(d < 1e-4 for d in diffs.values())}
 

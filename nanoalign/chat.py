@@ -1,7 +1,5 @@
-"""An interactive chat REPL that keeps the conversation history (/reset clears it; /quit or Ctrl-D leaves).
-
-    python -m nanoalign.chat --model out/demo/dpo [--once "Give one tip about sleep."]
-"""
+"""An interactive chat REPL that keeps the conversation history (/reset clears it; /quit or Ctrl-D leaves):
+python -m nanoalign.chat --model out/demo/dpo [--once "Give one tip about sleep."]"""
 from dataclasses import dataclass
 
 import torch
@@ -32,19 +30,19 @@ def main(cfg: Config) -> dict:
         try:
             line = cfg.once or input("you> ").strip()
         except EOFError:  # Ctrl-D
-            line = "/quit"
+            return {}
         if line in ("/quit", "/exit"):
             return {}
         if line == "/reset":
             history = history[:1] if cfg.system else []
         elif line:
             history.append({"role": "user", "content": line})
-            ro = generate(model, [tok.render_prompt(history)], cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.temperature)
+            ro = generate(model, [tok.render_prompt(history)], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                          cfg.temperature)
             history.append({"role": "assistant", "content": tok.decode(ro.responses()[0]).strip()})
             print(f"bot> {history[-1]['content']}", flush=True)
             if cfg.once:
                 return {"reply": history[-1]["content"]}
-
 
 if __name__ == "__main__":
     run(main, Config)

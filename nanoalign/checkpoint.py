@@ -1,10 +1,8 @@
 """HF-compatible checkpoints, atomic writes, and the train state that makes --resume bit-exact.
 
-A checkpoint directory is an ordinary Hugging Face directory of the model's own family (config.json with its
-architectures and model_type, model.safetensors with HF key names, tokenizer.json, tokenizer_config.json), so
-`transformers` loads it as that family. Every file is written to a temporary name, fsync'd, then os.replace'd, so a
-crash never leaves a half-written file behind.
-"""
+A checkpoint directory is an ordinary Hugging Face directory of the model's own family (config.json, model.safetensors
+with HF key names, tokenizer.json, tokenizer_config.json), so `transformers` loads it as that family. Every file is
+written to a temporary name, fsync'd, then os.replace'd: a crash never leaves a half-written file behind."""
 import json
 import os
 import pathlib
@@ -15,17 +13,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .cli import UserError
+from .cli import UserError, check
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: str, write_fn):
@@ -47,36 +37,37 @@ def write_json(path: str, obj):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
-def save_checkpoint(out_dir: str, model: Transformer, tokenizer: Tokenizer, dtype=torch.float32):
-    """Write config.json, model.safetensors and the tokenizer files into out_dir, each atomically."""
+def save_checkpoint(out_dir: str, model: Transformer, tokenizer: Tokenizer):
+    """Write config.json, model.safetensors (fp32) and the tokenizer files into out_dir, each atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+    sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
           for k, v in model.state_dict().items()}
     if model.score is not None or model.cfg.tie_word_embeddings:  # a tied lm_head is the embedding; an RM has none
         sd.pop("lm_head.weight")
-    cfg = {**model.cfg.to_hf(reward=model.score is not None), "torch_dtype": str(dtype).removeprefix("torch."),
+    cfg = {**model.cfg.to_hf(reward=model.score is not None), "torch_dtype": "float32",
            "eos_token_id": tokenizer.eos_id}  # generation stops at the template's end of turn
     if model.score is not None and cfg["pad_token_id"] == tokenizer.eos_id:  # transformers scores the last token
-        cfg["pad_token_id"] = model.cfg.bos_token_id  # that is not pad_token_id: never the response's end of turn
+        endoftext = tokenizer.tok.token_to_id("<|endoftext|>")  # that is not pad_token_id: never the end of turn
+        cfg["pad_token_id"] = model.cfg.bos_token_id if endoftext is None else endoftext
     atomic_write(os.path.join(out_dir, "tokenizer.json"), tokenizer.tok.save)
     write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer.config)
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(out_dir, "config.json"), cfg)
-    _fsync_dir(out_dir)
+    fd = os.open(out_dir, os.O_RDONLY)  # and the renames themselves reach the disk
+    os.fsync(fd)
+    os.close(fd)
 
 
 def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise UserError(f"{cfg_path}: missing config.json (not a model directory)")
+    check(os.path.exists(cfg_path), f"{cfg_path}: missing config.json (not a model directory)")
     try:
         with open(cfg_path) as f:
             d = json.load(f)
-        if not isinstance(d, dict):
-            raise ValueError("not a JSON object")
-        return d
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg_path}: not a valid config ({e})")
+    check(isinstance(d, dict), f"{cfg_path}: not a valid config (not a JSON object)")
+    return d
 
 
 def read_weights(path: str) -> dict:
@@ -90,8 +81,7 @@ def read_weights(path: str) -> dict:
             raise UserError(f"{index}: not a valid weights index ({type(e).__name__}: {e})")
     sd = {}
     for fp in files:
-        if not os.path.exists(fp):
-            raise UserError(f"{fp}: missing weights file")
+        check(os.path.exists(fp), f"{fp}: missing weights file")
         try:
             sd.update(load_file(fp))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -109,8 +99,7 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
     except (TypeError, ValueError) as e:
         raise UserError(f"{cfg_file}: {e}")
     model = Transformer(cfg)  # (plain CPU init: the meta device would pull in torch._dynamo, slower overall)
-    archs = cfg_dict.get("architectures")
-    if any(str(a).endswith("SequenceClassification") for a in (archs if isinstance(archs, list) else [])):
+    if "ForSequenceClassification" in str(cfg_dict.get("architectures")):  # a reward model
         model.add_score_head()
     expected = model.state_dict()
     if cfg.tie_word_embeddings or model.score is not None:  # the embedding, or unused by a reward model
@@ -131,13 +120,10 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
 
 
 def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer]:
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: no such model directory")
-    model = build_model(read_config(path), read_weights(path), path)
-    tok = Tokenizer.from_dir(path)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{path}/tokenizer.json: vocabulary of {tok.vocab_size} tokens does not fit the model's "
-                        f"embedding of {model.cfg.vocab_size}")
+    check(os.path.isdir(path), f"{path}: no such model directory")
+    model, tok = build_model(read_config(path), read_weights(path), path), Tokenizer.from_dir(path)
+    check(tok.vocab_size <= model.cfg.vocab_size, f"{path}/tokenizer.json: vocabulary of {tok.vocab_size} tokens "
+          f"does not fit the model's embedding of {model.cfg.vocab_size}")
     return model, tok
 
 
@@ -145,33 +131,27 @@ def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer]:
 def rng_state() -> dict:
     """Every RNG as tensors/ints, so torch.load(weights_only=True) can read it back (no numpy pickles)."""
     (v, state, gauss), n = random.getstate(), np.random.get_state()
-    st = {"python": [v, list(state), gauss], "numpy": [n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]],
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+    return {"python": [v, list(state), gauss], "numpy": [n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(st: dict):
-    v, state, gauss = st["python"]
+    (v, state, gauss), n = st["python"], st["numpy"]
     random.setstate((v, tuple(state), gauss))
-    n = st["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
+    if st.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def save_train_state(out_dir: str, state: dict):
     """Write OUT/train_state.pt atomically (state: tensors, numbers, lists, dicts only)."""
-    os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "train_state.pt"), lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(out_dir: str) -> dict:
     path = os.path.join(out_dir, "train_state.pt")
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no train state to resume from")
+    check(os.path.exists(path), f"{path}: no train state to resume from")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises several types for a damaged zip/pickle

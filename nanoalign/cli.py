@@ -18,25 +18,14 @@ class UserError(Exception):
 
 
 def check(cond: bool, msg: str):
-    """Raise a UserError with `msg` unless `cond` holds (for validating flags)."""
     if not cond:
         raise UserError(msg)
 
 
 def check_ranges(cfg, positive=(), non_negative=()):
-    """One-line errors for numeric fields out of range: `--name must be > 0, got -1`."""
     for name in (*positive, *non_negative):
         v, op = getattr(cfg, name), ">" if name in positive else ">="
         check(v > 0 if op == ">" else v >= 0, f"--{name.replace('_', '-')} must be {op} 0, got {v}")
-
-
-def field_comments(cls) -> dict:
-    """{name: comment} for each `name: type = default  # comment` line of the class's source."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source to read (e.g. a class made at runtime): no help text
-        return {}
-    return {m[1]: m[2] for m in map(FIELD.match, lines) if m}
 
 
 def _parse_bool(s: str) -> bool:
@@ -59,12 +48,14 @@ def build_parser(cls, prog=None) -> argparse.ArgumentParser:
     """Flags are the --kebab-case field names. --help shows each field's comment, its default and its choices: a
     str field whose comment holds `{a, b, c}` takes only those values. A bool field is a flag: --x, or --x false."""
     doc = "" if (cls.__doc__ or "").startswith(cls.__name__ + "(") else cls.__doc__  # not dataclass's own repr
-    here = os.path.dirname(os.path.abspath(__file__))  # a tool of this package runs as `python -m nanoalign.X`
-    script = os.path.abspath(sys.argv[0])
-    default = (f"python -m nanoalign.{os.path.basename(script)[:-3]}" if os.path.dirname(script) == here
-               else os.path.basename(script))
+    script = os.path.abspath(sys.argv[0])  # a tool of this package runs as `python -m nanoalign.X`
+    default = (f"python -m nanoalign.{os.path.basename(script)[:-3]}" if os.path.dirname(script) ==
+               os.path.dirname(os.path.abspath(__file__)) else os.path.basename(script))
     p = _Parser(prog=prog or default, description=(doc or "").strip(), formatter_class=_Help)
-    comments = field_comments(cls)
+    try:  # {name: comment} for each `name: type = default  # comment` line of the class
+        comments = {m[1]: m[2] for m in map(FIELD.match, inspect.getsource(cls).splitlines()) if m}
+    except (OSError, TypeError):  # no source to read (e.g. a class made at runtime): no help text
+        comments = {}
     for f in dataclasses.fields(cls):
         flag, comment = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         default = f.default_factory() if callable(f.default_factory) else f.default
@@ -90,8 +81,7 @@ def parse_cli(cls, argv=None, prog=None):
     return cfg
 
 
-def run(main, cls, argv=None, prog=None):
-    """Entry point: parse flags, run main(cfg); bad input -> `error: ...` on stderr and exit 2."""
+def run(main, cls, argv=None, prog=None):  # the entry point of every command
     try:
         return main(parse_cli(cls, argv, prog))
     except UserError as e:
@@ -103,9 +93,8 @@ def run(main, cls, argv=None, prog=None):
 
 
 class Logger:
-    """One progress line per log interval on stdout (only the fields in `show`, if given) and every field in one
-    JSON row of OUT/log.jsonl. A resumed run (start_step > 0) first drops the rows after its step, which a run
-    killed after its last save had logged, and a line cut short by the kill."""
+    """A progress line on stdout (the fields in `show`, or all) and a JSON row of OUT/log.jsonl per call. A resumed
+    run (start_step > 0) first drops the rows a killed run logged after its last save, and a line the kill cut short."""
 
     def __init__(self, out_dir: str | None, total_steps: int, enabled: bool = True, start_step: int = 0, show=None):
         self.path = os.path.join(out_dir, "log.jsonl") if out_dir and enabled else None

@@ -83,10 +83,6 @@ def _turns(row, key, where) -> list[dict]:
     return msgs
 
 
-def _meta(row, drop) -> dict:
-    return {k: v for k, v in row.items() if k not in drop}
-
-
 def read_sft(path: str, flag: str = "--data") -> list[dict]:
     out = []
     for i, row in read_jsonl(path, flag):
@@ -100,7 +96,7 @@ def read_sft(path: str, flag: str = "--data") -> list[dict]:
                             " or train_rm.py)" if "chosen" in row else f"{where}: missing field 'completion' (an SFT "
                             "row is 'messages', or 'prompt' and 'completion')" if "prompt" in row else
                             f"{where}: missing field 'messages' (or 'prompt' and 'completion')")
-        out.append({"messages": msgs, **_meta(row, ("messages", "prompt", "completion")), "line": i})
+        out.append({**row, "messages": msgs, "line": i})
     return out
 
 
@@ -114,8 +110,7 @@ def read_prefs(path: str, flag: str = "--data") -> list[dict]:
         if "prompt" in row:
             prompt, chosen, rejected = (_turns(row, k, where) for k in ("prompt", "chosen", "rejected"))
         else:  # HH style: whole conversations, whose shared turns are the prompt
-            c = check_messages(row["chosen"], where, "chosen", need_assistant=True)
-            r = check_messages(row["rejected"], where, "rejected", need_assistant=True)
+            c, r = (check_messages(row[k], where, k, need_assistant=True) for k in ("chosen", "rejected"))
             n = 0
             while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
                 n += 1
@@ -123,8 +118,7 @@ def read_prefs(path: str, flag: str = "--data") -> list[dict]:
                 n -= 1  # the responses start at an assistant turn: back off to the last one they share
             check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt turns (before an assistant turn)")
             prompt, chosen, rejected = c[:n], c[n:], r[n:]
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                    **_meta(row, ("prompt", "chosen", "rejected")), "line": i})
+        out.append({**row, "prompt": prompt, "chosen": chosen, "rejected": rejected, "line": i})
     return out
 
 
@@ -134,28 +128,24 @@ def read_unpaired(path: str, flag: str = "--data") -> list[dict]:
         where = f"{path}:{i}"
         check(isinstance(row.get("label"), bool), f"{where}: missing field 'label'" if "label" not in row else
               f"{where}: 'label' must be true or false")
-        out.append({"prompt": _turns(row, "prompt", where), "completion": _turns(row, "completion", where),
-                    "label": row["label"], **_meta(row, ("prompt", "completion", "label")), "line": i})
+        out.append({**row, "prompt": _turns(row, "prompt", where), "completion": _turns(row, "completion", where),
+                    "line": i})
     return out
 
 
 def read_prompts(path: str, flag: str = "--prompts") -> list[dict]:
-    out = []
-    for i, row in read_jsonl(path, flag):
+    rows = read_jsonl(path, flag)
+    for i, row in rows:
         _turns(row, "prompt", f"{path}:{i}")  # validates
-        out.append({**row, "line": i})
-    return out
+    return [{**row, "line": i} for i, row in rows]
 
 
 def tokenize_sft(tok, rows: list[dict], max_len: int, train_on_prompt: bool = False, truncate: str = "drop",
                  path: str = "data", verbose: bool = True) -> list[tuple[list[int], list[int]]]:
-    """read_sft rows -> [(ids, loss_mask)], each of at most max_len tokens.
-
-    loss_mask is 1 on the tokens the model is trained to predict: assistant content and its closing <|im_end|>
-    (every token with train_on_prompt). Rows longer than max_len are dropped (truncate="drop"), or lose prompt
-    tokens from the left (truncate="left") as long as the last assistant turn still fits after one context token.
-    Rows left with nothing to train on are dropped. Drops are reported in one line; none usable is a UserError.
-    """
+    """read_sft rows -> [(ids, loss_mask)] of at most max_len tokens, loss_mask 1 on the tokens the model learns to
+    predict: assistant content and its closing <|im_end|> (every token with train_on_prompt). A longer row is dropped,
+    or with truncate="left" loses its oldest tokens if its last assistant turn still fits after one context token.
+    Rows with nothing to train on are dropped too; drops are reported in one line, none usable is a UserError."""
     check(truncate in ("drop", "left"), f"--truncate must be drop or left, got {truncate!r}")
     out, too_long, empty = [], 0, 0
     for row in rows:

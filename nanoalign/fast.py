@@ -16,19 +16,16 @@ import torch.nn.functional as F
 
 from .lora import merge_lora
 from .model import MLP, Attention, RMSNorm, apply_rope, rms_norm, swiglu
-from .nf4 import NF4Linear
-
+from .nf4 import NF4Linear, dequantize_blocks
 
 _COMPILED = {}  # (fn, decode) -> fn torch.compile'd: one per process, shared by every layer and call
 
 
 def compiled(fn, decode: bool = False):
-    """fn torch.compile'd, with dynamic shapes so that new lengths reuse it. decode: generate's step of one token,
-    static shapes; inductor fuses the ~20 small kernels of each layer (norms, RoPE, cache writes, SwiGLU), and its
-    C++ wrapper calls them with no Python in between."""
+    """fn torch.compile'd, with dynamic shapes so that new lengths reuse it. decode: generate's one-token step, static
+    shapes; inductor fuses each layer's ~20 small kernels (norms, RoPE, cache writes, SwiGLU), called from C++."""
     if (fn, decode) not in _COMPILED:
-        options = dict(dynamic=False, options={"cpp_wrapper": True}) if decode else dict(dynamic=True)
-        _COMPILED[fn, decode] = torch.compile(fn, **options)
+        _COMPILED[fn, decode] = torch.compile(fn, dynamic=not decode, options={"cpp_wrapper": True} if decode else None)
     return _COMPILED[fn, decode]
 
 
@@ -50,15 +47,14 @@ def compile_pointwise(model):
         if type(m) in swaps:
             m.__class__ = swaps[type(m)]
         elif isinstance(m, NF4Linear):
-            m.compile = True
+            m.dequantize_blocks = compiled(dequantize_blocks)
     return model
 
 
 @torch.library.custom_op("nanoalign::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x @ W.T + b for a W packed by oneDNN. To torch.compile, which cannot trace oneDNN's opaque packed tensors,
-    this is one call it makes as it is, with the packed weight as an input: so a new sampling copy (PPO makes one
-    per iteration) runs the decode step already compiled."""
+    """x @ W.T + b for a W packed by oneDNN: one opaque call to torch.compile, with the packed weight as an input, so
+    a new sampling copy (PPO makes one per iteration) runs the decode step already compiled."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -101,9 +97,12 @@ class FusedQKVAttention(Attention):
         return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
-def fuse_qkv(model: nn.Module) -> nn.Module:
-    """Swap in FusedQKVAttention wherever q/k/v_proj are plain nn.Linear (not NF4), in place."""
-    for m in model.modules():
+@torch.no_grad()
+def sampling_copy(model, dtype=torch.bfloat16, pack: bool = True):
+    """A frozen copy to sample from: LoRA merged, cast to `dtype`, q/k/v stacked where plain (not NF4), and with pack
+    (on a CPU with oneDNN) every nn.Linear packed. Samples come from this rounding; log-probs from the policy."""
+    copied = merge_lora(copy.deepcopy(model)).to(dtype).eval().requires_grad_(False)
+    for m in copied.modules():
         projs = [m.q_proj, m.k_proj, m.v_proj] if type(m) is Attention else []
         if projs and all(type(p) is nn.Linear for p in projs):
             w = torch.cat([p.weight for p in projs])  # (out_q + out_k + out_v, in)
@@ -113,24 +112,9 @@ def fuse_qkv(model: nn.Module) -> nn.Module:
                 fused.bias = nn.Parameter(torch.cat([p.bias for p in projs]), requires_grad=False)
             del m.q_proj, m.k_proj, m.v_proj
             m.__class__ = FusedQKVAttention
-    return model
-
-
-def pack_linears(module: nn.Module) -> nn.Module:
-    """Swap every nn.Linear in `module` for a PackedLinear, in place (gpt-fast style module swap)."""
-    for name, child in module.named_children():
-        if type(child) is nn.Linear:
-            setattr(module, name, PackedLinear(child))
-        else:
-            pack_linears(child)
-    return module
-
-
-@torch.no_grad()
-def sampling_copy(model, dtype=torch.bfloat16, pack: bool = True):
-    """A frozen copy to sample from: LoRA merged into the weights, which are cast to `dtype` and, with pack (on a CPU
-    with oneDNN), packed. The samples come from this rounding of the policy; log-probs still come from the policy."""
-    copied = fuse_qkv(merge_lora(copy.deepcopy(model)).to(dtype).eval().requires_grad_(False))
     if pack and next(copied.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available():
-        pack_linears(copied)
+        for m in list(copied.modules()):
+            for name, child in m.named_children():
+                if type(child) is nn.Linear:
+                    setattr(m, name, PackedLinear(child))
     return copied

@@ -41,18 +41,15 @@ def setup(seed: int, device: str = "auto"):
     return device, rank, world
 
 
-def shard(indices: list, rank: int, world: int) -> list:
-    """This rank's share of one global batch: every world-th item."""
+def shard(indices: list, rank: int, world: int) -> list:  # this rank's share of a global batch
     return indices[rank::world]
 
 
 def batch_indices(step: int, global_batch: int, n: int, seed: int) -> list[int]:
-    """The global batch of `step` (from 0): a seeded permutation per epoch, so resuming needs no iterator state."""
-    out = []
-    for j in range(step * global_batch, (step + 1) * global_batch):  # sample j of the run: item j % n of epoch j // n
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + j // n))
-        out.append(int(perm[j % n]))
-    return out
+    """The global batch of `step` (from 0): sample j of the run is item j % n of epoch j // n, in a seeded permutation
+    per epoch, so resuming needs no iterator state."""
+    return [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + j // n))[j % n])
+            for j in range(step * global_batch, (step + 1) * global_batch)]
 
 
 def barrier():
@@ -60,8 +57,7 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """A tensor summed over ranks (itself in a single process)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:  # summed over ranks (itself in a single process)
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # SUM, never AVG: AVG can silently sum on gloo (pytorch #162338)
@@ -87,14 +83,16 @@ def prepare_model(init: str, device: str, lora_rank: int = 0, lora_alpha: float 
         model.add_score_head(seed=seed)
     if nf4:
         quantize_nf4_(model)  # leaves lm_head and score in full precision
-    if lora_rank > 0:
-        trainable = ("score",) if score_head else ()  # PEFT's modules_to_save
-        apply_lora(model, r=lora_rank, alpha=lora_alpha, dropout=lora_dropout, trainable=trainable)
+    if lora_rank > 0:  # a reward head trains in full next to the adapters (PEFT's modules_to_save)
+        apply_lora(model, lora_rank, lora_alpha, lora_dropout, trainable=("score",) if score_head else ())
     return model, tok
 
 
+def autocast(bf16: bool, device):  # --bf16: the model's matmuls in bf16; log-probs and losses stay fp32
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+
+
 def make_optimizer(params, lr: float, weight_decay: float = 0.0):
-    check(lr > 0, f"--lr must be > 0, got {lr}")
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, eps=1e-8)
 
 
@@ -231,9 +229,8 @@ def global_mean_std(x) -> tuple[float, float]:
 
 
 def global_means(minibatches: list[dict], n: int, device, **per_item) -> dict:
-    """Metrics as one process would log them. A rank holds shares: of each minibatch metric (a sum over the global
-    count), averaged over minibatches, and of each per-item tensor (its sum / all n items); the shares are summed over
-    ranks. loss and grad_norm are global already (all-reduced). A None tensor is not logged."""
+    """Metrics as one process would log them: each rank's shares (a minibatch metric's mean over minibatches, a
+    per-item tensor's sum / all n items; None: not logged) summed over ranks; loss and grad_norm are global already."""
     shares = {key: sum(m[key] for m in minibatches) / len(minibatches) for key in minibatches[0]}
     whole = {key: shares.pop(key) for key in ("loss", "grad_norm")}
     shares.update({key: float(v.double().sum()) / n for key, v in per_item.items() if v is not None})

@@ -11,7 +11,7 @@ import collections
 import contextlib
 import json
 import math
-import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,16 +28,14 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {r}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        ref = base.weight_packed if isinstance(base, NF4Linear) else base.weight
-        dtype = base.dtype if isinstance(base, NF4Linear) else base.weight.dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=ref.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=ref.device, dtype=dtype)
+        nf4 = isinstance(base, NF4Linear)
+        device, dtype = (base.weight_packed.device, base.dtype) if nf4 else (base.weight.device, base.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's default init, as in PEFT
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = 0  # > 0 inside disable_adapter(); a counter so nested contexts restore correctly
@@ -48,9 +46,6 @@ class LoRALinear(nn.Module):
             return y
         return torch.add(y, self.lora_B(self.lora_A(self.lora_dropout(x))), alpha=self.scaling)  # one pass, no temp
 
-    def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
-
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -59,24 +54,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, targets=ALL_LINEAR,
                trainable=()) -> nn.Module:
     """Freeze every parameter, then wrap each linear layer whose attribute name is in `targets` in a LoRALinear.
-
-    trainable: names of extra modules trained in full (PEFT's modules_to_save), e.g. "score" for a reward model.
-    """
-    if lora_layers(model):
-        raise ValueError("model already has LoRA adapters (merge_lora first)")
+    trainable: names of extra modules trained in full (PEFT's modules_to_save), e.g. "score" for a reward model."""
     model.requires_grad_(False)
     uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-
-    def swap(module: nn.Module, prefix: str):
+    for module in list(model.modules()):
         for name, child in module.named_children():
             if name in targets and isinstance(child, (nn.Linear, NF4Linear)):
                 if isinstance(child, nn.Linear) and uses[id(child.weight)] > 1:  # lm_head = embed_tokens
-                    raise ValueError(f"{prefix}{name}: weight is tied to another module; LoRA on it is unsupported")
+                    raise ValueError(f"{name}: weight is tied to another module; LoRA on it is unsupported")
                 setattr(module, name, LoRALinear(child, r, alpha, dropout))
-            else:
-                swap(child, f"{prefix}{name}.")
-
-    swap(model, "")
     if not lora_layers(model):
         raise ValueError(f"no linear layer matches the LoRA targets {tuple(targets)}")
     for t in trainable:
@@ -124,10 +110,7 @@ def disable_adapter(model: nn.Module):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter (and any `trainable` modules) under PEFT key names, e.g.
-    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
-    if not hasattr(model, "lora_config"):
-        raise ValueError("model has no LoRA adapter (apply_lora first)")
+    """The adapter (and any `trainable` modules) under PEFT's key names: base_model.model.<our parameter name>."""
     keep = {"lora_A", "lora_B", *(model.lora_config["modules_to_save"] or ())}
     return {PEFT_PREFIX + n: p.detach().contiguous().clone()  # clone: safetensors refuses tied tensors
             for n, p in model.named_parameters(remove_duplicate=False) if keep & set(n.split(".")[:-1])}
@@ -135,36 +118,31 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None):
     """Write adapter_config.json + adapter_model.safetensors in PEFT's layout."""
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(adapter_state_dict(model), os.path.join(out_dir, "adapter_model.safetensors"))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), Path(out_dir, "adapter_model.safetensors"))
     cfg = dict(model.lora_config, peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False,
                inference_mode=True, init_lora_weights=True, base_model_name_or_path=base_model_name_or_path,
                revision=None, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
                use_dora=False)
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+    Path(out_dir, "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     """Load a PEFT LoRA adapter (ours or peft's). Applies LoRA from adapter_config.json if the model has none."""
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        cfg = json.load(f)
+    cfg = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
     if (cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora")
             or not isinstance(cfg.get("target_modules"), list)):
-        raise ValueError(f"{adapter_dir}: only plain LoRA adapters (no DoRA, no rsLoRA) with a list of target_modules "
-                         "are supported")
+        raise ValueError(f"{adapter_dir}: only plain LoRA (no DoRA, no rsLoRA, target_modules a list) is supported")
     if not lora_layers(model):
         apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(cfg["target_modules"]),
                    tuple(cfg.get("modules_to_save") or ()))
-    sd = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    if set(sd) != set(adapter_state_dict(model)):
-        raise ValueError(f"{adapter_dir}: adapter keys do not match the model, e.g. "
-                         f"{sorted(set(sd) ^ set(adapter_state_dict(model)))[:3]}")
+    sd = load_file(Path(adapter_dir, "adapter_model.safetensors"))
+    # shapes too: copy_ would broadcast an r = 1 adapter into an r = 4 model without a word
+    have, want = ({(k, tuple(v.shape)) for k, v in d.items()} for d in (sd, adapter_state_dict(model)))
+    if have != want:
+        raise ValueError(f"{adapter_dir}: adapter keys or shapes do not match the model: {sorted(have ^ want)[:3]}")
     own = dict(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight too
     for key, value in sd.items():
-        p = own[key.removeprefix(PEFT_PREFIX)]
-        if p.shape != value.shape:
-            raise ValueError(f"{adapter_dir}: {key} has shape {tuple(value.shape)}, model wants {tuple(p.shape)}")
-        p.copy_(value)
+        own[key.removeprefix(PEFT_PREFIX)].copy_(value)
     return model

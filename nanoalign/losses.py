@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- masked reductions
-
 def masked_sum(x, mask):
     """Σ x over mask == 1."""
     return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
@@ -38,21 +37,16 @@ def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, dist_sum=None):
     """(x − mean) / std over the masked entries; shift_mean=False adds the mean back (used for rewards).
     dist_sum (loop.all_reduce_sum): the moments of every rank's entries, so W ranks whiten like one process."""
     mean, var = masked_mean(x, mask, dist_sum=dist_sum), masked_var(x, mask, dist_sum=dist_sum)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
+    out = (x - mean) * torch.rsqrt(var + eps) + (0.0 if shift_mean else mean)
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
 # ---------------------------------------------------------------- SFT and reward model
-
 def sft_loss(logps, mask, num_tokens=None):
     """Token-mean NLL −Σ logp·mask / num_tokens, logps and mask (B, T). num_tokens defaults to mask.sum(); with
     gradient accumulation (and DDP) pass the GLOBAL count of target tokens of the whole optimizer step, so that the
     micro-batch losses add up to the big-batch loss (transformers #34191): batch 8 × accum 1 == batch 1 × accum 8."""
-    if num_tokens is None:
-        num_tokens = mask.sum()
-    return -masked_sum(logps, mask) / num_tokens
+    return -masked_sum(logps, mask) / (mask.sum() if num_tokens is None else num_tokens)
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef: float = 0.0):
@@ -68,7 +62,6 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=0.0, center_coef
 # Each pairwise loss returns (losses, chosen_rewards, rejected_rewards), each (B,), the rewards detached for logging
 # (as in Mitchell's preference_loss). policy_chosen_logps is log π(y_w|x) SUMMED over the chosen response's tokens,
 # (B,), and likewise the others; IPO, SimPO and ORPO take per-token AVERAGES instead (the caller divides).
-
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta: float, label_smoothing: float = 0.0):
     """DPO (Rafailov et al. 2023, eq. 7): −log σ(β·h), h = Δ_w − Δ_l, Δ = log π(y|x) − log π_ref(y|x).
@@ -113,11 +106,10 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, beta: float, gamma: f
 def log1mexp(x):
     """log(1 − exp(x)) for x < 0, stable at both ends (Mächler 2012); x is clamped to ≤ −1e-7."""
     x = x.clamp(max=-1e-7)
-    near0 = x > -math.log(2)
     # both branches are evaluated by torch.where, so clamp each to its safe range (no inf/NaN in the gradient)
     a = torch.log(-torch.expm1(x.clamp(min=-math.log(2))))
     b = torch.log1p(-torch.exp(x.clamp(max=-math.log(2))))
-    return torch.where(near0, a, b)
+    return torch.where(x > -math.log(2), a, b)
 
 
 def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, lam: float = 0.1):
@@ -131,11 +123,9 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, lam: float = 0.1
 
 def kto_loss(policy_logps, reference_logps, labels, kl_policy_logps, kl_reference_logps, beta: float):
     """KTO (Ethayarajh et al. 2024, eq. 8), on unpaired rows. Returns (losses (B,), rewards (B,), z0 scalar).
-
     policy_logps, reference_logps: SUMMED log-probs of each completion (B,); labels: (B,) bool, True = desirable.
     kl_policy_logps, kl_reference_logps: summed log-probs of MISMATCHED (prompt, completion) pairs (B',), e.g. each
-    prompt with another row's completion; their mean log-ratio estimates KL(π‖π_ref) (needs batch > 1).
-    """
+    prompt with another row's completion; their mean log-ratio estimates KL(π‖π_ref) (needs batch > 1)."""
     # z₀ = max(0, mean KL estimate), detached: a reference point, not a path for gradients
     z0 = (kl_policy_logps - kl_reference_logps).mean().clamp(min=0).detach()
     logratios = policy_logps - reference_logps  # Δ = log π(y|x) − log π_ref(y|x)

@@ -16,7 +16,6 @@ bitsandbytes' kernel sometimes the other neighbour of a near-midpoint absmax (~0
 full-precision copy of the weight never outlives one matmul (the QLoRA memory saving). `quantize_nf4_` swaps
 every nn.Linear of a model for an NF4Linear; `nanoalign.lora.apply_lora` on top of that is QLoRA.
 """
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +33,10 @@ NF4_PAIRS = torch.stack((NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)), d
 
 
 def dynamic_map_signed() -> torch.Tensor:
-    """The signed 8-bit dynamic quantization map (Dettmers 2015, "8-Bit Approximations", sec. 3), 256 sorted values.
-
-    A code is sign * 10**-e * fraction for e = 6..0: exponent e has 2**(6-e) fractions, the midpoints of an even
-    split of [0.1, 1]. That gives 127 positive and 127 negative codes; 0 and 1.0 complete the 256. Dense near 0,
-    which suits the absmaxes (minus their mean) it quantizes. Computed in fp32 arithmetic, like bitsandbytes'
-    create_dynamic_map, so the two maps are equal bit for bit.
-    """
+    """The signed 8-bit dynamic quantization map (Dettmers 2015, "8-Bit Approximations", sec. 3), 256 sorted values:
+    sign * 10**-e * fraction for e = 6..0, exponent e with 2**(6-e) fractions (the midpoints of an even split of
+    [0.1, 1]), plus 0 and 1.0. Dense near 0, which suits the centred absmaxes it quantizes. Computed in fp32, like
+    bitsandbytes' create_dynamic_map, so the two maps are equal bit for bit."""
     values = [0.0, 1.0]
     for i in range(7):  # i = 6 - e: 2**i fractions at scale 10**(i - 6)
         edges = torch.linspace(0.1, 1.0, 2 ** i + 1, dtype=torch.float32)
@@ -76,18 +72,15 @@ class NF4State:
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
     """w (any shape, numel % blocksize == 0) -> (packed (numel/2,) uint8, NF4State)."""
-    if w.numel() % blocksize or blocksize % 2:
-        raise ValueError(f"NF4 needs numel divisible by the blocksize: {tuple(w.shape)} has {w.numel()} values, "
-                         f"blocksize {blocksize}")
+    if w.numel() % blocksize:
+        raise ValueError(f"NF4 needs numel divisible by the blocksize {blocksize}: {tuple(w.shape)} is not")
     codes, absmax = _blockwise_absmax_codes(w.detach().reshape(-1).float(), NF4_CODE, blocksize)
     packed = (codes[0::2] << 4) | codes[1::2]  # two codes per byte, first element in the high nibble
     state = NF4State(w.shape, w.dtype, blocksize, absmax)
     if double_quant:
         # QLoRA sec. 3 "Double Quantization": absmax > 0, so centre it to use the signed map's full range
-        offset = absmax.mean()
-        centred = absmax - offset
-        n = centred.numel()
-        padded = F.pad(centred, (0, -n % 256))  # zeros do not change a block's absmax
+        offset, n = absmax.mean(), absmax.numel()
+        padded = F.pad(absmax - offset, (0, -n % 256))  # zeros do not change a block's absmax
         q_absmax, scale = _blockwise_absmax_codes(padded, DYNAMIC_CODE, 256)
         state.absmax, state.absmax_scale, state.absmax_offset = q_absmax[:n], scale, offset
     return packed, state
@@ -103,23 +96,17 @@ def dequantize_absmax(absmax, absmax_scale=None, absmax_offset=None) -> torch.Te
     return a.view(-1)[:n] + absmax_offset
 
 
-def _dequantize(packed, absmax, absmax_scale, absmax_offset, shape, blocksize: int):
-    """Plain torch ops, which torch.compile fuses into one kernel -> fp32 tensor of `shape`."""
+def dequantize_blocks(packed, absmax, absmax_scale=None, absmax_offset=None) -> torch.Tensor:
+    """The fp32 weight as (n_blocks, blocksize): plain torch ops, which torch.compile fuses into one kernel."""
     absmax = dequantize_absmax(absmax, absmax_scale, absmax_offset)
     pairs = NF4_PAIRS.to(packed.device)[packed.long()]  # (numel/2, 2): one lookup decodes both nibbles of a byte
-    w = pairs.view(-1, blocksize) * absmax[:, None]  # (n_blocks, blocksize)
-    return w.view(shape)
+    return pairs.view(len(absmax), -1) * absmax[:, None]
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of quantize_nf4, up to the rounding: returns a tensor of state.shape in `dtype` (default: original)."""
-    w = _dequantize(packed, state.absmax, state.absmax_scale, state.absmax_offset, state.shape, state.blocksize)
-    return w.to(dtype or state.dtype)
-
-
-@functools.cache
-def _compiled_dequantize():
-    return torch.compile(_dequantize)  # one compiled kernel shared by all layers (bounded recompiles)
+    w = dequantize_blocks(packed, state.absmax, state.absmax_scale, state.absmax_offset)
+    return w.view(state.shape).to(dtype or state.dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -127,33 +114,29 @@ class _NF4Matmul(torch.autograd.Function):
     (torchao LinearNF4 does the same): backward re-dequantizes for grad_x = grad_y @ W. W itself gets no grad."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, absmax_scale, absmax_offset, shape, blocksize, compiled):
-        dequantize = _compiled_dequantize() if compiled else _dequantize
-        w = dequantize(packed, absmax, absmax_scale, absmax_offset, shape, blocksize).to(x.dtype)
-        ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
-        ctx.meta = shape, blocksize, dequantize
-        return x @ w.t()  # (..., out)
+    def forward(ctx, x, dequantize, shape, *quantized):  # quantized: packed bytes, absmax, absmax scale and offset
+        ctx.save_for_backward(*quantized)
+        ctx.dequantize, ctx.w_shape = dequantize, shape
+        return x @ dequantize(*quantized).view(shape).to(x.dtype).t()  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        packed, absmax, absmax_scale, absmax_offset = ctx.saved_tensors
-        shape, blocksize, dequantize = ctx.meta
-        w = dequantize(packed, absmax, absmax_scale, absmax_offset, shape, blocksize).to(grad_y.dtype)
-        return grad_y @ w, None, None, None, None, None, None, None  # (..., in)
+        w = ctx.dequantize(*ctx.saved_tensors).view(ctx.w_shape).to(grad_y.dtype)  # (out, in)
+        return grad_y @ w, None, None, *[None] * len(ctx.saved_tensors)  # (..., in)
 
 
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4: buffers only (packed bytes + quant state), no fp weight."""
 
-    def __init__(self, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        packed, state = quantize_nf4(linear.weight.data, blocksize, double_quant)
-        self.shape, self.dtype, self.blocksize, self.compile = state.shape, state.dtype, blocksize, False
+        packed, state = quantize_nf4(linear.weight.data)
+        self.shape, self.dtype, self.blocksize = state.shape, state.dtype, state.blocksize
+        self.dequantize_blocks = dequantize_blocks  # nanoalign.fast.compile_pointwise swaps in a compiled one
         self.register_buffer("weight_packed", packed)
-        self.register_buffer("absmax", state.absmax)
-        self.register_buffer("absmax_scale", state.absmax_scale)
-        self.register_buffer("absmax_offset", state.absmax_offset)
+        for name in ("absmax", "absmax_scale", "absmax_offset"):
+            self.register_buffer(name, getattr(state, name))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     @property
@@ -165,31 +148,25 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.weight_packed, self.state, dtype)
 
     # Kept out of any enclosing torch.compile graph: traced whole, AOTAutograd merges the two dequantizations and
-    # saves the full-precision W for backward, the very copy QLoRA must not keep. So a compiled model graph-breaks
-    # here, and `compile` (set by nanoalign.fast.compile_pointwise) compiles just the dequantization into one fused
-    # kernel (the matmul is a BLAS call either way).
+    # saves the full-precision W for backward, the very copy QLoRA must not keep. fast.compile_pointwise compiles
+    # just the dequantization instead, into one fused kernel (the matmul is a BLAS call either way).
     @torch.compiler.disable
     def forward(self, x):
-        y = _NF4Matmul.apply(x, self.weight_packed, self.absmax, self.absmax_scale, self.absmax_offset, self.shape,
-                             self.blocksize, self.compile)
+        y = _NF4Matmul.apply(x, self.dequantize_blocks, self.shape, self.weight_packed, self.absmax, self.absmax_scale,
+                             self.absmax_offset)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
-        dq = self.absmax_scale is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, dq={dq}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}"
 
 
-def quantize_nf4_(model: nn.Module, skip=("lm_head", "score"), blocksize: int = 64, double_quant: bool = True):
+def quantize_nf4_(model: nn.Module, skip=("lm_head", "score", "lora_A", "lora_B")):
     """Swap every nn.Linear in `model` for an NF4Linear, in place (gpt-fast style module swap); returns `model`.
-
-    skip: child names left in full precision (the lm_head is tied to the embedding in SmolLM2). LoRA adapters
-    (lora_A / lora_B) are never quantized, so this also works after apply_lora (it quantizes each `.base`).
-    """
+    skip: child names left in full precision: the lm_head (tied to the embedding in SmolLM2), an RM's score head and
+    LoRA adapters, so this also works after apply_lora (it quantizes each `.base`)."""
     for name, child in model.named_children():
-        if name in skip or name in ("lora_A", "lora_B"):
-            continue
-        if isinstance(child, nn.Linear):
-            setattr(model, name, NF4Linear(child, blocksize, double_quant))
-        else:
-            quantize_nf4_(child, skip, blocksize, double_quant)
+        if isinstance(child, nn.Linear) and name not in skip:
+            setattr(model, name, NF4Linear(child))
+        elif name not in skip:
+            quantize_nf4_(child, skip)
     return model

@@ -19,18 +19,14 @@ def segment_mask(attention_mask, segment_ids):
     return build_mask(attention_mask, segment_ids.shape[1], segment_ids.shape[1], allowed=allowed)
 
 
-# --- SFT packing ------------------------------------------------------------------------------------------------
 def pack_sft(examples: list[tuple], max_len: int) -> list[list[tuple]]:
-    """Group whole (ids, mask) conversations into rows of at most max_len tokens (first fit, in order; none split)."""
-    rows, room = [], []
+    """Whole (ids, mask) conversations (each ≤ max_len tokens) into rows of ≤ max_len tokens: first fit, in order."""
+    rows, room = [[] for _ in examples], [max_len] * len(examples)  # at worst, one row each
     for ex in examples:
-        i = next((i for i, r in enumerate(room) if len(ex[0]) <= r), len(rows))  # the first row it fits in
-        if i == len(rows):
-            rows.append([])
-            room.append(max_len)
+        i = next(i for i, r in enumerate(room) if len(ex[0]) <= r)  # the first row it fits in
         rows[i].append(ex)
         room[i] -= len(ex[0])
-    return rows
+    return [r for r in rows if r]
 
 
 def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -> dict:
@@ -46,7 +42,6 @@ def collate_packed(rows: list[list[tuple]], pad_id: int, multiple_of: int = 1) -
     return batch
 
 
-# --- prompt-shared rows -----------------------------------------------------------------------------------------
 def shared_rows(prompts: list[list], responses: list[list[list]], pad_id: int, multiple_of: int = 1) -> dict:
     """G prompts, each with k responses (token lists) -> G rows [prompt | response 1 | ... | response k]: input_ids,
     attention_mask, position_ids (restarting at len(prompt) for each response), branch_ids (0 prompt, j + 1 response
@@ -88,8 +83,7 @@ def per_response(batch, x):
 
 
 def pair_logprobs(model, batch, compiled: bool = False):
-    """(log π(y_w|x), log π(y_l|x)), each (B,) fp32: each response's token log-probs, summed, for either layout
-    (they agree in values and gradients: tested). Shared rows read token t from the hidden state at prev_index[t]."""
+    """(log π(y_w|x), log π(y_l|x)), each (B,) fp32: each response's token log-probs, summed, for either layout."""
     ids, keep = batch["input_ids"], batch["response_mask"].bool()
     if "prev_index" not in batch:
         return sequence_logprobs(model, ids, batch["attention_mask"], keep, compiled=compiled).chunk(2)
@@ -106,11 +100,11 @@ def pair_lengths(batch):
 
 def pair_rewards(rm, batch):
     """(chosen, rejected) reward-model scores, each (B,) fp32, read at each response's last token, either layout."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
     if "last_index" not in batch:
-        return last_token_rewards(rm, batch["input_ids"], batch["attention_mask"]).chunk(2)
-    hidden = rm(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"], return_hidden=True)
-    rows = torch.arange(len(hidden), device=hidden.device)[:, None]
-    return rm.score(hidden[rows, batch["last_index"]].float()).squeeze(-1).float().unbind(1)  # (B, 2) -> 2 x (B,)
+        return last_token_rewards(rm, ids, attn).chunk(2)
+    last = torch.arange(len(ids), device=ids.device)[:, None] * ids.shape[1] + batch["last_index"]  # (B, 2), flattened
+    return last_token_rewards(rm, ids, attn, batch["position_ids"], last).unbind(1)
 
 
 def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
@@ -120,17 +114,15 @@ def share_prompts(seq, attn, mask, P: int, k: int) -> dict:
     where mask is 0); "last" (B,) the same kind of index of each response's last token."""
     B, N = mask.shape
     plens, rlens, cpu = attn[:, :P].sum(1).tolist(), mask.sum(1).tolist(), seq.cpu()
-    prompts = [cpu[g, P - plens[g]:P].tolist() for g in range(0, B, k)]
-    responses = [[cpu[b, P:P + rlens[b]].tolist() for b in range(g, g + k)] for g in range(0, B, k)]
-    s = shared_rows(prompts, responses, 0)
+    s = shared_rows([cpu[g, P - plens[g]:P].tolist() for g in range(0, B, k)],  # each prompt once, its k responses
+                    [[cpu[b, P:P + rlens[b]].tolist() for b in range(g, g + k)] for g in range(0, B, k)], 0)
     T = s["input_ids"].shape[1]
     base = torch.arange(B // k).repeat_interleave(k) * T  # (B,): where row b's group starts, flattened
     first = s["last_index"].reshape(B) - torch.tensor(rlens) + 1  # (B,): each response's first position in its row
     idx = (first[:, None] + torch.arange(N)).clamp(max=T - 1)  # (B, N)
     prev = (base[:, None] + s["prev_index"].repeat_interleave(k, 0).gather(1, idx)) * mask.cpu().bool()
-    out = {"input_ids": s["input_ids"], "attention_mask": s["attention_mask"], "position_ids": s["position_ids"]}
-    last = base + s["last_index"].reshape(B)
-    return {key: v.to(seq.device) for key, v in {**out, "prev": prev, "last": last}.items()}
+    s["prev"], s["last"] = prev, base + s["last_index"].reshape(B)
+    return {key: s[key].to(seq.device) for key in ("input_ids", "attention_mask", "position_ids", "prev", "last")}
 
 
 def local_rows(rows: torch.Tensor, group: int, rank: int, world: int) -> torch.Tensor:
@@ -155,5 +147,4 @@ def response_rewards(rm, seq, attn, mask, P: int, k: int = 1):
     if k == 1:
         return last_token_rewards(rm, seq, attn)
     s = share_prompts(seq, attn, mask, P, k)
-    h = rm(s["input_ids"], s["attention_mask"], s["position_ids"], return_hidden=True).flatten(0, 1)[s["last"]]
-    return rm.score(h).squeeze(-1).float()
+    return last_token_rewards(rm, s["input_ids"], s["attention_mask"], s["position_ids"], s["last"])

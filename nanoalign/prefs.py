@@ -11,8 +11,8 @@ from collections import Counter
 
 import torch
 
-from .cli import UserError, check
-from .data import pad, read_jsonl, read_prefs, read_unpaired
+from .cli import check
+from .data import collate_sft, read_jsonl, read_prefs, read_unpaired
 
 
 def read_kto(path: str) -> list[dict]:
@@ -22,16 +22,6 @@ def read_kto(path: str) -> list[dict]:
         return read_unpaired(path)
     return [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen", "line": r["line"]}
             for r in read_prefs(path) for k in ("chosen", "rejected")]
-
-
-def tokenize_response(tok, prompt: list[dict], response: list[dict], where: str = "data") -> tuple[list, list, list]:
-    """-> (prompt_ids, response_ids, response_mask)."""
-    p = tok.render_prompt(prompt)
-    ids, mask = tok.render_chat(prompt + response)
-    if ids[:len(p)] != p:  # cannot happen with ChatML specials; guards a tokenizer that merges across turns
-        raise UserError(f"{where}: the rendered prompt is not a prefix of the rendered conversation")
-    end = max(i for i, m in enumerate(mask) if m) + 1  # just past the last <|im_end|> in the loss
-    return p, ids[len(p):end], mask[len(p):end]
 
 
 def tokenize_prefs(tok, rows: list[dict], max_len: int, path: str = "data", verbose: bool = True) -> list[dict]:
@@ -44,8 +34,13 @@ def tokenize_prefs(tok, rows: list[dict], max_len: int, path: str = "data", verb
             dropped["with chosen == rejected"] += 1
             continue
         e = {"line": r.get("line"), **({"label": bool(r["label"])} if "label" in r else {})}
+        e["prompt"] = p = tok.render_prompt(r["prompt"])
         for k in ("chosen", "rejected") if "chosen" in r else ("completion",):
-            e["prompt"], e[k], e[k + "_mask"] = tokenize_response(tok, r["prompt"], r[k], f"{path}:{r.get('line')}")
+            ids, mask = tok.render_chat(r["prompt"] + r[k])
+            check(ids[:len(p)] == p, f"{path}:{r.get('line')}: the rendered prompt is not a prefix of the rendered "
+                  "conversation")  # cannot happen with ChatML specials; guards a tokenizer that merges across turns
+            end = max(i for i, m in enumerate(mask) if m) + 1  # just past the last <|im_end|> in the loss
+            e[k], e[k + "_mask"] = ids[len(p):end], mask[len(p):end]
         if len(e["prompt"]) >= max_len:
             dropped[f"with a prompt longer than --max-len {max_len}"] += 1
             continue
@@ -64,11 +59,8 @@ def collate_responses(seqs: list[tuple], pad_id: int, max_len: int, multiple_of:
     """[(prompt_ids, response_ids, response_mask)] -> right-padded input_ids, attention_mask (1 = real token) and
     response_mask (1 = response token in the loss), each (N, T); T rounded up to multiple_of. A row longer than
     max_len loses its tail."""
-    ids = [(p + r)[:max_len] for p, r, _ in seqs]
-    masks = [([0] * len(p) + list(m))[:max_len] for p, _, m in seqs]
-    T = -(-max(len(x) for x in ids) // multiple_of) * multiple_of
-    return {"input_ids": pad(ids, pad_id, T), "attention_mask": pad([[1] * len(x) for x in ids], 0, T),
-            "response_mask": pad(masks, 0, T)}
+    b = collate_sft([((p + r)[:max_len], ([0] * len(p) + list(m))[:max_len]) for p, r, m in seqs], pad_id, multiple_of)
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "response_mask": b["loss_mask"]}
 
 
 def collate_pairs(examples: list[dict], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
@@ -82,9 +74,7 @@ def collate_unpaired(examples: list[dict], pad_id: int, max_len: int) -> dict:
     """B unpaired rows -> a (B, T) batch, "labels" (B,) bool, and as kl_input_ids, kl_attention_mask and
     kl_response_mask the mismatched pairs KTO estimates its reference point z0 from: prompt i with completion i+1
     (mod B) (Ethayarajh et al. 2024, sec. 4.1; needs B > 1)."""
-    shifted = examples[1:] + examples[:1]
-    kl = collate_responses([(e["prompt"], s["completion"], s["completion_mask"]) for e, s in zip(examples, shifted)],
-                           pad_id, max_len)
-    return {**collate_responses([(e["prompt"], e["completion"], e["completion_mask"]) for e in examples], pad_id,
-                                max_len), **{f"kl_{k}": v for k, v in kl.items()},
-            "labels": torch.tensor([e["label"] for e in examples])}
+    batch = collate_responses([(e["prompt"], e["completion"], e["completion_mask"]) for e in examples], pad_id, max_len)
+    kl = collate_responses([(e["prompt"], s["completion"], s["completion_mask"])
+                            for e, s in zip(examples, examples[1:] + examples[:1])], pad_id, max_len)
+    return {**batch, **{f"kl_{k}": v for k, v in kl.items()}, "labels": torch.tensor([e["label"] for e in examples])}

@@ -8,24 +8,16 @@ from nanoalign.model import last_token_index
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str = "k1"):
-    """Per-token KL(π‖π_ref) estimate at the sampled token (Schulman 2020), with log r = log π_ref − log π.
-
-    k1 = −log r (unbiased, can be < 0 per token); k3 = (r − 1) − log r (unbiased, ≥ 0 pointwise).
-    """
+    """Per-token KL(π‖π_ref) estimate at the sampled token (Schulman 2020), with log r = log π_ref − log π:
+    k1 = −log r (unbiased, can be < 0 per token); k3 = (r − 1) − log r (unbiased, ≥ 0 pointwise)."""
     log_r = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r  # (r − 1) − log r
-    raise ValueError(f"unknown KL estimator {estimator!r}")
+    return -log_r if estimator == "k1" else torch.expm1(log_r) - log_r
 
 
 class KLController:
     """β, the KL coefficient: fixed (target = 0), or steered toward a target KL (Ziegler et al. 2019, §2.2):
-
     e = clip(KL/KL_target − 1, −0.2, 0.2);  β ← β·(1 + e·n/horizon), n = samples in the batch.
-    OpenAI's values: β₀ = 0.15, target 6, horizon 10,000.
-    """
+    OpenAI's values: β₀ = 0.15, target 6, horizon 10,000."""
 
     def __init__(self, kl_coef: float, target: float = 0.0, horizon: float = 10000.0):
         self.value, self.target, self.horizon = float(kl_coef), float(target), float(horizon)
@@ -39,10 +31,8 @@ class KLController:
 
 def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, estimator: str = "k1"):
     """RLHF rewards (Ziegler et al. 2019): r_t = −β·KL_t, plus the score at the last real response token.
-
     scores: (B,) reward-model or gold scores; logprobs, ref_logprobs, response_mask: (B, T).
-    Returns (rewards (B, T), kl (B, T)), both 0 at padded positions.
-    """
+    Returns (rewards (B, T), kl (B, T)), both 0 at padded positions."""
     kl = torch.where(response_mask.bool(), kl_penalty(logprobs, ref_logprobs, estimator), torch.zeros_like(logprobs))
     rewards = -kl_coef * kl  # r_t = −β·KL_t
     last = last_token_index(response_mask)  # (B,)
@@ -52,11 +42,9 @@ def per_token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: fl
 
 def gae(rewards, values, response_mask, gamma: float, lam: float):
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16). Returns (advantages, returns), (B, T).
-
     δ_t = r_t + γ·V_{t+1} − V_t;  Â_t = δ_t + γλ·Â_{t+1};  R_t = Â_t + V_t;  V past the last real token = 0.
     Masked positions are skipped: "t+1" is the next REAL token, so padding (and any hole) contributes nothing, and
-    advantages/returns are 0 there.
-    """
+    advantages/returns are 0 there."""
     mask = response_mask.bool()
     B, T = rewards.shape
     next_value, next_adv = rewards.new_zeros(B), rewards.new_zeros(B)  # V and Â of the next real token
@@ -80,13 +68,10 @@ def token_mean(x, mask, num_tokens=None):
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2, num_tokens=None, is_weights=None):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), token mean over the mask. Returns (loss, stats).
-
     is_weights (B, T): each token's term times w_t (truncated importance sampling, w_t = min(π_old/π_sampler, C), for
-    samples drawn from a policy other than π_old); None = 1. stats: clipfrac (fraction of tokens where the clipped
-    term is active), approx_kl = mean((ρ − 1) − log ρ), the k3 estimator of KL(π_old‖π) (as in cleanrl), ratio
-    (mean ρ) and pg_loss (the loss), all detached. num_tokens: the divisor of every token sum (see token_mean);
-    default mask.sum().
-    """
+    samples drawn from a policy other than π_old); None = 1. stats, detached: clipfrac (fraction of tokens where the
+    clipped term is active), approx_kl = mean((ρ − 1) − log ρ), the k3 estimator of KL(π_old‖π) (as in cleanrl),
+    ratio (mean ρ) and pg_loss. num_tokens: the divisor of every token sum (see token_mean)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)  # ρ = π/π_old
     pg1 = -advantages * ratio  # −Â·ρ
@@ -112,9 +97,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip_v: float = 0.2, num_t
 def rloo_advantages(scores, k: int, kl=None, kl_coef: float = 0.0):
     """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = R_i − mean of R over the other k−1 samples of its prompt,
     with the KL folded into the sequence reward (§3): R_i = score_i − β·Σ_t KL_t (kl (B, T), 0 on padding).
-
-    scores: (n_prompts·k,) with the k samples of each prompt consecutive. Returns (n_prompts·k,).
-    """
+    scores: (n_prompts·k,) with the k samples of each prompt consecutive. Returns (n_prompts·k,)."""
     r = (scores if kl is None else scores - kl_coef * kl.sum(1)).view(-1, k)  # (n_prompts, k)
     baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
     return (r - baseline).reshape(-1)

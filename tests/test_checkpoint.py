@@ -5,11 +5,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nanoalign import hub
 from nanoalign.checkpoint import (load_checkpoint, load_train_state, rng_state, save_checkpoint, save_train_state,
                                   set_rng_state, write_json)
+from nanoalign.cli import UserError
 from nanoalign.model import PRESETS, ModelConfig, Transformer
 
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -70,6 +71,8 @@ def test_reward_model_saves_as_sequence_classification(tmp_path, tied):
     save_checkpoint(str(tmp_path), model, tok)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    # HF scores the last token that is not pad_token_id: the pad is <|endoftext|>, never the response's <|im_end|>
+    assert model.cfg.pad_token_id == tok.eos_id != cfg["pad_token_id"] == tok.tok.token_to_id("<|endoftext|>")
     keys = set(load_file(str(tmp_path / "model.safetensors")))
     assert "score.weight" in keys and "lm_head.weight" not in keys
     back, _ = load_checkpoint(str(tmp_path))
@@ -83,6 +86,28 @@ def test_reward_model_saves_as_sequence_classification(tmp_path, tied):
     with torch.no_grad():
         theirs = hf(ids).logits[:, 0]  # HF pools at the last non-pad token: the last one here
     assert (ours - theirs).abs().max().item() <= 1e-4, (ours, theirs)
+
+
+def test_sharded_weights_with_an_index_load_like_one_file(tmp_path):
+    """HF's larger models ship model-0000x-of-0000y.safetensors and model.safetensors.index.json."""
+    model, tok = hub.load("tiny")
+    save_checkpoint(str(tmp_path), model, tok)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:5], "model-00002-of-00002.safetensors": keys[5:]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.remove(tmp_path / "model.safetensors")
+    back, _ = load_checkpoint(str(tmp_path))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")  # a shard the index names is gone: one error naming it
+    with pytest.raises(UserError, match="model-00002-of-00002.safetensors: missing weights file"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(UserError, match="index.json: not a valid weights index"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_rng_state_roundtrip_reproduces_draws_and_loads_weights_only(tmp_path):

@@ -232,7 +232,7 @@ def test_script_forward_paths_keep_logprobs_fp32_under_bf16(tiny):
     loss = train_sft.batch_loss(model, batch, mask[:, 1:].sum(), train_sft.Config(bf16=True), "cpu")
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, -lp.sum() / mask[:, 1:].sum())  # the same bf16 trunk, the same fp32 sum
-    with train_dpo.autocast(train_dpo.Config(bf16=True), "cpu"):  # DPO's path: (chosen, rejected) = rows 0, 1
+    with loop.autocast(True, "cpu"):  # DPO's path: (chosen, rejected) = rows 0, 1
         chosen, rejected = pair_logprobs(model, batch)
     assert chosen.dtype == rejected.dtype == torch.float32
     torch.testing.assert_close(torch.cat([chosen, rejected]), lp.sum(-1))

@@ -5,11 +5,11 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 from nanoalign.fast import (CompiledMLP, CompiledRMSNorm, FusedQKVAttention, PackedLinear, compile_pointwise,
-                            sampling_copy)
+                            compiled, sampling_copy)
 from nanoalign.generate import generate
 from nanoalign.lora import apply_lora, lora_layers
 from nanoalign.model import PRESETS, ModelConfig, Transformer
-from nanoalign.nf4 import NF4Linear, quantize_nf4_
+from nanoalign.nf4 import NF4Linear, dequantize_blocks, quantize_nf4_
 
 NEVER = -1  # an eos_id no token can equal: generation runs the full max_new_tokens
 
@@ -63,7 +63,7 @@ def test_compile_pointwise_compiles_nf4_dequantization_with_the_same_result():
     randomize_adapters(model, 0.1)
     eager = value_and_grads(model, 11)
     compile_pointwise(model)
-    assert all(m.compile for m in model.modules() if isinstance(m, NF4Linear))
+    assert all(m.dequantize_blocks is compiled(dequantize_blocks) for m in model.modules() if isinstance(m, NF4Linear))
     for a, b in zip(value_and_grads(model, 11), eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

@@ -1,8 +1,8 @@
 import torch
 import torch._dynamo
 
-from nanoalign.logprobs import logprobs_chunked, logprobs_naive, token_logprobs
-from nanoalign.model import PRESETS, ModelConfig, Transformer
+from nanoalign.logprobs import last_token_rewards, logprobs_chunked, logprobs_naive, token_logprobs
+from nanoalign.model import PRESETS, ModelConfig, Transformer, last_token_index
 from nanoalign.packing import segment_mask
 
 
@@ -169,3 +169,23 @@ def test_token_logprobs_packed_documents():
     sep_b = token_logprobs(model, b[None])
     assert torch.allclose(got[0, :4], sep_a[0], atol=1e-5) and torch.allclose(got[0, 5:], sep_b[0], atol=1e-5)
     assert got[0, 4] == 0  # the first token of document 2 is not predicted from document 1
+
+
+def test_reward_head_runs_in_fp32_under_bf16_autocast():
+    # --bf16 runs the trunk in bf16, but a bf16 score head would also round each reward to 8 significant bits
+    # (steps of 1/128 near 1): answers that the fp32 head tells apart would tie, and a tie is never "correct"
+    rm = _tiny()
+    rm.add_score_head()
+    ids, mask = torch.randint(3, 259, (256, 6), generator=torch.Generator().manual_seed(0)), torch.ones(256, 6)
+    mask[::3, 4:] = 0  # some rows end early: the score is read at their last real token
+    rows, last = torch.arange(256), last_token_index(mask)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            got = last_token_rewards(rm, ids, mask)
+            h = rm(ids, mask, return_hidden=True)[rows, last]  # the bf16 trunk's hidden state, fp32 out of the norm
+            bf16_head = rm.score(h).squeeze(-1).float()  # what autocast alone would give
+        assert got.dtype == torch.float32 and torch.equal(got, rm.score(h).squeeze(-1))
+        assert got.unique().numel() == 256 and bf16_head.unique().numel() < 250
+        # an fp32 run is untouched: the plain head at the last real token
+        plain = rm.score(rm(ids, mask, return_hidden=True)[rows, last]).squeeze(-1)
+        assert torch.equal(last_token_rewards(rm, ids, mask), plain)

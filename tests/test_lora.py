@@ -120,6 +120,8 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.equal(fresh(_ids()), m(_ids()))
     with pytest.raises(ValueError, match="do not match"):
         load_adapter(apply_lora(_model(), r=4, alpha=8, targets=("q_proj",)), tmp_path)
+    with pytest.raises(ValueError, match="do not match"):  # same keys, other shapes
+        load_adapter(apply_lora(_model(), r=1, alpha=8), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))  # alpha/sqrt(r): not ours
     with pytest.raises(ValueError, match="rsLoRA"):

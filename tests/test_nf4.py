@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoalign.fast import compile_pointwise
 from nanoalign.model import PRESETS, ModelConfig, Transformer
 from nanoalign.nf4 import (DYNAMIC_CODE, NF4_CODE, NF4Linear, NF4State, dequantize_absmax, dequantize_nf4,
                            dynamic_map_signed, quantize_nf4, quantize_nf4_)
@@ -121,8 +122,9 @@ def test_nf4_linear_forward_backward_and_no_weight_grad():
 @pytest.mark.parametrize("mode", ["eager", "compiled-dequant", "compiled-module"])
 def test_backward_saves_packed_bytes_not_a_dequantized_weight(mode):
     q = NF4Linear(nn.Linear(256, 128, bias=False))
-    q.compile = mode == "compiled-dequant"
-    if mode == "compiled-module":  # inside a compiled model, NF4 layers graph-break (see nf4_linear)
+    if mode == "compiled-dequant":
+        compile_pointwise(q)
+    if mode == "compiled-module":  # inside a compiled model, NF4 layers graph-break (see NF4Linear.forward)
         q = torch.compile(q)
     saved = []
 
@@ -140,8 +142,7 @@ def test_backward_saves_packed_bytes_not_a_dequantized_weight(mode):
 
 def test_compiled_matches_eager():
     lin = nn.Linear(128, 64, bias=False)
-    eager, compiled = NF4Linear(lin), NF4Linear(lin)
-    compiled.compile = True
+    eager, compiled = NF4Linear(lin), compile_pointwise(NF4Linear(lin))
     x = torch.randn(3, 128, requires_grad=True)
     xc = x.detach().clone().requires_grad_(True)
     y, yc = eager(x), compiled(xc)
