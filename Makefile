@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch first, pinned to the local CPU wheel, so nothing pulls a multi-GB CUDA build; metadata stays torch>=2.4
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean iterate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -72,6 +72,35 @@ endif
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
 		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
 	$(BIN)/python -m nanoalign.report $(DEMO) --out $(DEMO)/report
+
+# Iterative DPO as one command (online DPO; Xiong et al. 2024, Llama 3's rounds). Each of ROUNDS rounds samples K
+# answers per prompt of PROMPTS from the current policy, JUDGE (gold, or a reward-model dir) keeps the best and the
+# worst (`nanoalign.tasks pairs`), and DPO trains from that policy on those pairs, so the round's reference is the last
+# round's policy. Then every round's policy (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
+#   make iterate BASE=out/demo/sft PROMPTS=out/demo/data/prompts.jsonl ROUNDS=2 K=4 JUDGE=gold OUT=out/iterate
+ROUNDS  ?= 2
+BASE    ?= out/demo/sft
+PROMPTS ?= out/demo/data/prompts.jsonl
+EVAL    ?= $(dir $(PROMPTS))paraphrase.jsonl
+OUT     ?= out/iterate
+K       ?= 4
+JUDGE   ?= gold
+ROUND_STEPS ?= 20
+PAIRS_ARGS  ?= --limit 128 --max-new-tokens 64 --batch-size 64 --bf16
+DPO_ARGS    ?= $(LORA) --lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --warmup 2 --max-len 256 --log-every 5
+EVAL_ARGS   ?= --limit 100 --max-new-tokens 64 --batch-size 64 --bf16
+iterate: $(STAMP)
+	rm -rf $(OUT)
+	set -e; policy=$(BASE); models=round0=$(BASE); \
+	for r in $$(seq $(ROUNDS)); do \
+		$(BIN)/python -m nanoalign.tasks pairs --model $$policy --prompts $(PROMPTS) --k $(K) --judge $(JUDGE) \
+			--seed $$r --out $(OUT)/pairs$$r.jsonl $(PAIRS_ARGS); \
+		$(BIN)/python train_dpo.py --init $$policy --data $(OUT)/pairs$$r.jsonl --out $(OUT)/round$$r \
+			--max-steps $(ROUND_STEPS) --seed $$r $(DPO_ARGS); \
+		policy=$(OUT)/round$$r; models="$$models round$$r=$$policy"; \
+	done; \
+	$(BIN)/python -m nanoalign.evaluate --prompts $(EVAL) --ref $(BASE) --compare $$models $(EVAL_ARGS) \
+		--out $(OUT)/results.json
 
 clean:
 	rm -rf $(VENV) out

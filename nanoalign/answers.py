@@ -1,12 +1,13 @@
-"""Answers to a task's plan (nanoalign.tasks): the demonstration, and rejected answers that break constraints.
+"""Answers to a task's plan (nanoalign.tasks): the demonstration, and rejected answers the gold judge scores below 1.
 
 A plan holds the constraints, the answer's base sentences ("body"), the topic's other sentences ("extras"), and the
 sentences that carry the keyword and the avoided word. render() satisfies every constraint but the broken ones.
 """
 import json
 import random
+import re
 
-from .judge import check, score, words
+from .judge import check, score, unrequested, words
 
 
 def render(plan: dict, body: list[str], broken=frozenset()) -> str:
@@ -50,36 +51,45 @@ def break_length(plan: dict, limit: dict, broken) -> list[str]:
     return next((b for b in tries if not check(limit, render(plan, b, broken))), tries[-1])
 
 
-# formats nobody asked for: --hard-negatives puts them on the rejected side, nanoalign.probe shows them to an RM
-MISFIRES = dict(quotes=lambda s: f'"{s}"', json=lambda s: json.dumps({"answer": s}), upper=str.upper, lower=str.lower)
+# judge.FORMATS put on an answer: the counterfactual negatives below, and the rewrites nanoalign.probe shows an RM
+MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer": s}),
+            "capitals": str.upper, "lowercase": str.lower,
+            "bullets": lambda s: "\n".join("- " + x for x in re.split(r"(?<=[.!?]) +", s) if x)}
+FORMAT_FAMILIES = {"case", "quotes", "bullets", "json"}  # the constraints that ask for a format
 
 
-def hard_negative(plan: dict, meta: dict, chosen: str, rejected: str, broken) -> str | None:
-    """In a quarter of the pairs, the demonstration in a format the prompt did not ask for, where that breaks one it
-    did ask for (quoted, it no longer begins with the required phrase); else, for a quarter of the rejected answers
-    shorter than the demonstration, that answer with one more sentence. Otherwise a format is only ever seen on the
-    chosen side, and chosen is usually the longer: shortcuts an RM learns instead of the constraints. The draws are
-    seeded by the text, so every other row stays as it is."""
-    rng, asked = random.Random(chosen), {c["type"] for c in meta["constraints"]}
+def misfire(rng: random.Random, meta: dict, chosen: str) -> str | None:
+    """In a quarter of the calls, `chosen` in a format its prompt did not ask for (one judge.unrequested flags)."""
     if rng.random() < 0.25:
-        unasked = [f for f in MISFIRES if f not in asked and not (f in ("upper", "lower") and "case" in asked)]
-        for f in rng.sample(unasked, len(unasked)):
-            if (text := MISFIRES[f](chosen)) != chosen and score(text, meta) < 1:
+        for f in rng.sample(list(MISFIRES), len(MISFIRES)):
+            if f in unrequested(text := MISFIRES[f](chosen), meta):
                 return text
+    return None
+
+
+def longer_negative(plan: dict, chosen: str, rejected: str, broken, meta: dict) -> str | None:
+    """For a quarter of the rejected answers shorter than the demonstration, that answer with one more sentence
+    (breaking a constraint mostly drops words: "longer = better"). Seeded by the text: other rows stay as they are."""
     rng, extras = random.Random(rejected), [x for x in plan["extras"] if x != plan["avoid_sentence"]]
-    if "word_limit" in broken or len(words(rejected)) >= len(words(chosen)) or not extras or rng.random() < 0.75:
-        return None
-    text = render(plan, plan["body"] + [rng.choice(extras)], broken)
-    return text if text != chosen and score(text, meta) < 1 else None
+    if "word_limit" not in broken and len(words(rejected)) < len(words(chosen)) and extras and rng.random() < 0.25:
+        text = render(plan, plan["body"] + [rng.choice(extras)], broken)
+        return text if text != chosen and score(text, meta) < 1 else None
 
 
-def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, hard: bool = False) -> str:
-    """A plausible response that breaks one constraint, sometimes all; hard: some get a hard_negative instead."""
+def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool = False) -> str:
+    """A plausible response that breaks one constraint, sometimes all; or a counterfactual: the demonstration in a
+    format nobody asked for (misfire), or, in a third of the prompts that ask for a format, the format kept and other
+    constraints broken. Else a format is only ever seen on the chosen side, and "format = good" is a shortcut a
+    reward model learns instead of the constraints. longer: some get a longer_negative instead."""
+    if text := misfire(rng, meta, chosen):
+        return text
     fams = [c["type"] for c in meta["constraints"]]
-    attempts = ([set(fams)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(fams, len(fams))] + [set(fams)]
+    keep = FORMAT_FAMILIES.intersection(fams) if rng.random() < 1 / 3 else set()
+    pool = [f for f in fams if f not in keep] or fams
+    attempts = ([set(pool)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(pool, len(pool))] + [set(fams)]
     limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
     for broken in attempts:
         text = render(plan, break_length(plan, limit, broken) if "word_limit" in broken else plan["body"], broken)
         if text != chosen and score(text, meta) < 1:
-            return (hard and hard_negative(plan, meta, chosen, text, broken)) or text
+            return (longer and longer_negative(plan, chosen, text, broken, meta)) or text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")

@@ -3,11 +3,12 @@
     python -m nanoalign.evaluate --compare base=smollm2-135m-instruct sft=out/demo/sft dpo=out/demo/dpo \
         --ref out/demo/sft --prompts data/eval.jsonl --out out/demo/results.json        (one model: --model M)
 
-Per model: the gold score ± s.e. (and per constraint family), the win rate against --ref (ties count half, as in
-AlpacaEval; also per length ratio, for length bias), the per-token KL(π || π_ref) on π's own samples at the sampling
-temperature, the mean length and the EOS rate. --judge RM_DIR lets a reward model judge the win rate (its mean is
-"RM score", never gold); --rm with --prefs gives an RM's pairwise accuracy (RewardBench); --best-of-n N keeps the
-judge's favourite of N samples, the inference-time bound PPO and DPO are held to (--write-best: rejection sampling).
+Per model: the gold score ± s.e. (and per constraint family), the rate of answers in a format their prompt did not
+ask for (overall and per format), the win rate against --ref (ties count half, as in AlpacaEval; also per length
+ratio, for length bias), the per-token KL(π || π_ref) on π's own samples at the sampling temperature, the mean length
+and the EOS rate. --judge RM_DIR lets a reward model judge the win rate (its mean is "RM score", never gold); --rm
+with --prefs gives an RM's pairwise accuracy (RewardBench); --best-of-n N keeps the judge's favourite of N samples,
+the inference-time bound PPO and DPO are held to (--write-best: rejection sampling).
 """
 import os
 import statistics
@@ -22,7 +23,7 @@ from .data import pad, read_prefs, read_prompts
 from .fast import sampling_copy
 from .generate import generate
 from .hub import ALIAS, PRESETS, load
-from .judge import check_rows, score_by_family, score as gold_score
+from .judge import check_rows, score_by_family, unrequested_rates, score as gold_score
 from .logprobs import last_token_rewards, sequence_logprobs
 from .tasks import write_jsonl
 from .tokenizer import Tokenizer
@@ -34,8 +35,7 @@ def sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0,
     bf16: sample from a bf16 copy of the weights (nanoalign.fast.sampling_copy)."""
     model = sampling_copy(model) if bf16 else model
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    jobs = [tok.render_prompt(p) for p in prompts for _ in range(n)]
-    out = []
+    jobs, out = [tok.render_prompt(p) for p in prompts for _ in range(n)], []
     for i in range(0, len(jobs), batch_size):
         ro = generate(model, jobs[i:i + batch_size], max_new_tokens, tok.eos_id, tok.pad_id, temperature, generator=g)
         out += [(p, r, tok.decode(r), bool(r) and r[-1] == tok.eos_id)
@@ -45,10 +45,9 @@ def sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0,
 
 @torch.no_grad()
 def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=False) -> list[float]:
-    """log π(y|x) of each sample's response at the sampling temperature.
-    bf16: the trunk under bf16 autocast; the lm_head and its log-softmax stay fp32 (logprobs.logprobs_chunked)."""
-    device = next(model.parameters()).device
-    out = []
+    """log π(y|x) of each sample's response at the sampling temperature. bf16: the trunk under bf16 autocast; the
+    lm_head and its log-softmax stay fp32 (logprobs.logprobs_chunked)."""
+    device, out = next(model.parameters()).device, []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         ids = pad([p + r for p, r, _, _ in chunk], pad_id).to(device)  # (B, T)
@@ -63,12 +62,11 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=F
 def rm_scores(rm, tok, prompts, texts, batch_size=16, open_end=False) -> list[float]:
     """Reward-model score of each (prompt, response), read at the closing <|im_end|>, where the RM was trained to
     read it (open_end: at the response's last token, as if it had been cut before its EOS)."""
-    seqs = []
+    device, seqs, out = next(rm.parameters()).device, [], []
     for p, t in zip(prompts, texts):
         ids, mask = tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])
         end = max(j for j, m in enumerate(mask) if m)  # the closing <|im_end|>
         seqs.append(ids[:end + (not open_end)])
-    device, out = next(rm.parameters()).device, []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         att = pad([[1] * len(s) for s in chunk], 0).to(device)
@@ -92,15 +90,6 @@ def make_judge(judge: str, device="cpu"):
         return lambda rows, texts: [gold_score(t, r) for r, t in zip(rows, texts)]
     rm, tok = load_rm(judge, device)
     return lambda rows, texts: rm_scores(rm, tok, [r["prompt"] for r in rows], texts)
-
-
-def check_model(path: str):
-    """hub.load's cheap checks (path, config.json, tokenizer.json) now; the weights are read at the model's turn."""
-    if os.path.isdir(path):
-        read_config(path)
-        Tokenizer.from_dir(path)
-    elif path not in PRESETS and path != ALIAS and not (path.endswith(".gguf") and os.path.isfile(path)):
-        load(path)  # no such model: raises the UserError that names it before reading any weights
 
 
 def mean_stderr(xs):
@@ -136,7 +125,7 @@ def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref
            "eos_rate": sum(s[3] for s in samples) / len(samples)}
     if all("constraints" in r for r in rows):  # else the judge is an RM and no gold score exists
         res["gold_mean"], res["gold_stderr"] = mean_stderr([gold_score(t, r) for r, t in zip(rep, texts)])
-        res["by_family"] = score_by_family(texts, rep)
+        res.update(by_family=score_by_family(texts, rep), **unrequested_rates(texts, rep))
     if cfg.judge != "gold":
         res["judge_mean"], res["judge_stderr"] = mean_stderr(scores)
     if ref is not None:
@@ -154,19 +143,22 @@ def evaluate_model(model, tok, rows, judge, cfg, ref=None, ref_samples=None, ref
     return res
 
 
-def best_of_n(model, tok, rows, judge, cfg) -> tuple[dict, list]:
-    """The judge's favourite of cfg.best_of_n fresh samples per prompt: its scores, and the rows as SFT data."""
+def best_of_n(model, tok, rows, judge, cfg) -> dict:
+    """The judge's favourite of cfg.best_of_n fresh samples per prompt: its scores; cfg.write_best: the rows as SFT
+    data (rejection sampling)."""
     k = cfg.best_of_n
     samples = sample(model, tok, [r["prompt"] for r in rows], k, cfg.temperature, cfg.max_new_tokens, cfg.seed + 1,
                      cfg.batch_size, cfg.bf16)
     scores = judge([r for r in rows for _ in range(k)], [s[2] for s in samples])
     pick = [max(range(i * k, (i + 1) * k), key=lambda j: scores[j]) for i in range(len(rows))]
-    gold = [gold_score(samples[j][2], r) for r, j in zip(rows, pick)] if all("constraints" in r for r in rows) else None
-    m, se = mean_stderr(gold) if gold else (None, None)
-    best = [{"messages": _msgs(r["prompt"]) + [{"role": "assistant", "content": samples[j][2]}],
-             "constraints": r.get("constraints")} for r, j in zip(rows, pick)]
+    best = [samples[j][2] for j in pick]
+    m, se = (mean_stderr([gold_score(t, r) for r, t in zip(rows, best)]) if all("constraints" in r for r in rows)
+             else (None, None))
+    if cfg.write_best:
+        write_jsonl(cfg.write_best, [{"messages": _msgs(r["prompt"]) + [{"role": "assistant", "content": t}],
+                                      "constraints": r.get("constraints")} for r, t in zip(rows, best)])
     return {"best_of_n": k, "best_of_n_gold_mean": m, "best_of_n_gold_stderr": se,
-            "best_of_n_judge_mean": sum(scores[j] for j in pick) / len(pick)}, best
+            "best_of_n_judge_mean": sum(scores[j] for j in pick) / len(pick)}
 
 
 def rm_accuracy(rm, tok, prefs: list[dict]) -> dict:
@@ -183,7 +175,8 @@ def format_table(results: dict, judge: str = "gold") -> str:
     cols = [("gold_mean", "gold", ".3f"), ("gold_stderr", "± se", ".3f"), ("judge_mean", "RM score", ".3f"),
             ("win_rate", f"win vs ref ({'gold' if judge == 'gold' else 'RM'})", ".3f"),
             ("win_rate_non_tied", "win (non-tied)", ".3f"), ("kl", "KL to ref", ".3f"),
-            ("mean_length", "length", ".1f"), ("eos_rate", "EOS rate", ".2f")]
+            ("unrequested_rate", "unrequested", ".3f"), ("mean_length", "length", ".1f"),
+            ("eos_rate", "EOS rate", ".2f")]
     num = lambda v: isinstance(v, (int, float))
     cols = [c for c in cols if any(num(r.get(c[0])) for r in results.values())]
     lines = [["model"] + [h for _, h, _ in cols], ["---"] * (len(cols) + 1)]
@@ -220,8 +213,7 @@ def main(cfg: Config) -> dict:
     check_ranges(cfg, positive=("samples", "batch_size", "max_new_tokens"),
                  non_negative=("limit", "best_of_n", "temperature"))
     check(not cfg.write_best or cfg.best_of_n > 0, "--write-best needs --best-of-n N")
-    check(not cfg.prefs or cfg.judge != "gold" or cfg.rm, "--prefs (RM accuracy) needs --rm or a reward model as "
-          "--judge")
+    check(not cfg.prefs or cfg.judge != "gold" or cfg.rm, "--prefs needs --rm or a reward model as --judge")
     for path in (cfg.out, cfg.write_best):
         check(not path or os.path.isdir(os.path.dirname(os.path.abspath(path))), f"{path}: directory does not exist")
         check(not os.path.isdir(path), f"{path}: is a directory, not a file path")
@@ -231,9 +223,13 @@ def main(cfg: Config) -> dict:
     named = [s.split("=", 1) if "=" in s else (os.path.basename(s.rstrip("/")) or s, s) for s in
              cfg.compare or [cfg.model]]
     check(len({n for n, _ in named}) == len(named), "--compare: two models have the same NAME")
-    for _, path in named + ([("ref", cfg.ref)] if cfg.ref else []):
+    for _, path in named + ([("ref", cfg.ref)] if cfg.ref else []):  # hub.load's cheap checks; the weights come later
         check(path != "", "--compare: NAME=MODEL with an empty MODEL")
-        check_model(path)
+        if os.path.isdir(path):
+            read_config(path)
+            Tokenizer.from_dir(path)
+        elif path not in PRESETS and path != ALIAS and not (path.endswith(".gguf") and os.path.isfile(path)):
+            load(path)  # no such model: raises the UserError that names it before reading any weights
     judge = make_judge(cfg.judge, cfg.device)
     rm_acc = {}
     if prefs:  # a few forward passes: done now, so that a wrong --rm fails before the sampling too
@@ -257,10 +253,7 @@ def main(cfg: Config) -> dict:
         r = results[name] = evaluate_model(model.eval(), tok, rows, judge, cfg, ref, ref_samples, ref_scores,
                                            ref_samples if same else None)
         if cfg.best_of_n:
-            bon, best = best_of_n(model, tok, rows, judge, cfg)
-            r.update(bon)
-            if cfg.write_best:
-                write_jsonl(cfg.write_best, best)
+            r.update(best_of_n(model, tok, rows, judge, cfg))
         score = (f"gold {r['gold_mean']:.3f} ± {r['gold_stderr']:.3f}" if r["gold_mean"] is not None
                  else f"RM score {r['judge_mean']:.3f} ± {r['judge_stderr']:.3f}")
         print(f"{name}: {score} ({r['eval_s']}s) | {i + 1}/{len(named)} models | "

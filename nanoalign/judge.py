@@ -1,8 +1,9 @@
 """The task suite's gold judge: a program checks each constraint of a response (IFEval style).
 
-The gold score of a response is the fraction of its row's constraints it satisfies; an empty or degenerate response
-scores 0. The constraints live in the row itself (see nanoalign/tasks.py, which writes them), so `score(response,
-row)` needs nothing else. The judge checks form, not truth (except for arithmetic).
+The gold score of a response is the fraction of its row's constraints it satisfies, each format nobody asked for
+(FORMATS) counting as one more constraint failed; an empty or degenerate response scores 0. The constraints live in
+the row itself (nanoalign/tasks.py writes them), so `score(response, row)` needs nothing else. The judge checks form,
+not truth (except for arithmetic).
 """
 import json
 import re
@@ -31,8 +32,8 @@ def check_word_limit(c, r):
     return n <= c["value"] if c["relation"] == "at_most" else n >= c["value"]
 
 
-def check_bullets(c, r):
-    return sum(re.match(r"[ \t]*- +\S", line) is not None for line in r.splitlines()) == c["value"]
+def bullet_lines(r, marks="-"):
+    return sum(re.match(rf"[ \t]*[{marks}] +\S", line) is not None for line in r.splitlines())
 
 
 def check_quotes(c, r):
@@ -40,14 +41,14 @@ def check_quotes(c, r):
     return len(s) >= 2 and (s[0], s[-1]) in (('"', '"'), ("“", "”"))
 
 
-def check_json(c, r):
+def json_object(r) -> dict | None:
     s = r.strip()
     fenced = re.fullmatch(r"```[\w-]*\s*(.*?)\s*```", s, re.DOTALL)  # ```json ... ```
     try:
         obj = json.loads(fenced.group(1) if fenced else s)
     except ValueError:
-        return False
-    return isinstance(obj, dict) and c["value"] in obj
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def check_arithmetic(c, r):  # the number only; a trailing period and a Unicode minus are tolerated
@@ -59,9 +60,29 @@ def check_arithmetic(c, r):  # the number only; a trailing period and a Unicode 
 CHECKS = {"case": check_case, "keyword": lambda c, r: has_word(c["value"], r),
           "avoid": lambda c, r: not has_word(c["value"], r), "no_commas": lambda c, r: "," not in r and "，" not in r,
           "start": lambda c, r: r.lstrip().startswith(c["value"]), "end": lambda c, r: r.rstrip().endswith(c["value"]),
-          "word_limit": check_word_limit, "bullets": check_bullets, "quotes": check_quotes, "json": check_json,
-          "arithmetic": check_arithmetic}
+          "word_limit": check_word_limit, "bullets": lambda c, r: bullet_lines(r) == c["value"], "quotes": check_quotes,
+          "json": lambda c, r: c["value"] in (json_object(r) or {}), "arithmetic": check_arithmetic}
 FAMILIES = tuple(CHECKS)
+
+
+def _prose(r):  # where case is judged: 3 words or more (not a lone name or number), and not a JSON object
+    return len(words(r)) >= 3 and json_object(r) is None
+
+
+# Formats a prompt may not have asked for: name -> (detector, the families that ask for it or make it natural). Each
+# one found counts as a failed constraint: else an answer loses nothing by putting a format on, and a reward model
+# learns "format = good" from pairs where a format only ever appears on the chosen side.
+FORMATS = {"quotes": (lambda r: check_quotes(None, r), {"quotes"}),
+           "bullets": (lambda r: bullet_lines(r, "-*•") > 0, {"bullets"}),
+           "capitals": (lambda r: _prose(r) and check_case({"value": "upper"}, r), {"case", "json"}),
+           "json": (lambda r: json_object(r) is not None, {"json"}),
+           "lowercase": (lambda r: _prose(r) and check_case({"value": "lower"}, r), {"case", "arithmetic", "json"})}
+
+
+def unrequested(response: str, meta: dict) -> list[str]:
+    """The formats of `response` that its prompt did not ask for (FORMATS)."""
+    asked = {c["type"] for c in meta["constraints"]}
+    return [name for name, (has, natural) in FORMATS.items() if not asked & natural and has(response)]
 
 
 def check(constraint: dict, response: str) -> bool:
@@ -70,15 +91,11 @@ def check(constraint: dict, response: str) -> bool:
     return CHECKS[constraint["type"]](constraint, response)
 
 
-def _prompt_text(meta: dict) -> str:  # prompt rows hold a string; readers may have turned it into messages
-    p = meta.get("prompt") or meta.get("messages") or ""
-    return p if isinstance(p, str) else " ".join(m["content"] for m in p if m.get("role") == "user")
-
-
 def is_degenerate(response: str, meta: dict) -> bool:
     """Empty, under 3 words where prose is expected, the prompt repeated back, or one phrase looped."""
-    ws = [w.lower() for w in words(response)]
-    prompt = " ".join(w.lower() for w in words(_prompt_text(meta)))
+    p = meta.get("prompt") or meta.get("messages") or ""  # a string, or the messages a reader turned it into
+    p = p if isinstance(p, str) else " ".join(m["content"] for m in p if m.get("role") == "user")
+    ws, prompt = [w.lower() for w in words(response)], " ".join(w.lower() for w in words(p))
     prose = not {c["type"] for c in meta["constraints"]} & {"arithmetic", "json"}
     return (not response.strip() or (prose and len(ws) < 3)
             or (prompt != "" and f" {prompt} " in f" {' '.join(ws)} ")
@@ -86,11 +103,11 @@ def is_degenerate(response: str, meta: dict) -> bool:
 
 
 def score(response: str, meta: dict) -> float:
-    """Gold score in [0, 1]: the fraction of meta["constraints"] that `response` satisfies (0 if degenerate)."""
+    """Gold score in [0, 1]: satisfied / (constraints + unrequested formats), 0 if degenerate."""
     cons = meta["constraints"]
     if is_degenerate(response, meta):
         return 0.0
-    return sum(check(c, response) for c in cons) / len(cons)
+    return sum(check(c, response) for c in cons) / (len(cons) + len(unrequested(response, meta)))
 
 
 def check_rows(rows: list[dict], path: str, need_all: bool = True):
@@ -99,7 +116,7 @@ def check_rows(rows: list[dict], path: str, need_all: bool = True):
     for r in rows:
         if need_all or "constraints" in r:
             try:
-                score("probe answer text", r)
+                score("Probe answer text.", r)  # no format of its own: no constraints is 0/0, an error
             except Exception as e:  # the checkers index into the metadata: any error means it is malformed
                 raise cli.UserError(f"{path}:{r.get('line', '?')}: task metadata the gold judge cannot use "
                                     f"({type(e).__name__}: {e}); the gold judge needs 'constraints' on every row")
@@ -114,3 +131,13 @@ def score_by_family(responses: list[str], metas: list[dict]) -> dict[str, float]
             totals[c["type"]] = totals.get(c["type"], 0) + 1
             hits[c["type"]] = hits.get(c["type"], 0) + (not bad and check(c, r))
     return {f: hits[f] / totals[f] for f in sorted(totals)}
+
+
+def unrequested_rates(responses: list[str], metas: list[dict]) -> dict:
+    """The fraction of responses with any unrequested format, and per format the fraction of the responses whose
+    prompt did not ask for it (formats no prompt left out are not reported)."""
+    flags = [unrequested(r, m) for r, m in zip(responses, metas, strict=True)]
+    free = {f: [fl for fl, m in zip(flags, metas) if not natural & {c["type"] for c in m["constraints"]}]
+            for f, (_, natural) in FORMATS.items()}
+    return {"unrequested_rate": sum(map(bool, flags)) / len(flags),
+            "unrequested_by_format": {f: sum(f in fl for fl in fls) / len(fls) for f, fls in free.items() if fls}}

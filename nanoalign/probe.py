@@ -2,14 +2,14 @@
 
     python -m nanoalign.probe --rm out/demo/rm --prompts out/demo/data/eval.jsonl [--out probe.json]
 
-Each probe rewrites the reference answer of every held-out prompt whose constraints do not involve what it changes
-(quoted, wrapped in JSON, in capitals, in lowercase, as bullets, said twice, or cut before its closing EOS), and
-reports the mean change of the RM score, the fraction of prompts where it went up, and the same change for the gold
-judge, which never scores such a rewrite higher. A probe the RM rewards is a direction PPO can climb without getting
-better: where reward hacking starts (Gao et al. 2022). "no EOS" reads the RM where a response cut at the cap ends.
+Each probe rewrites the reference answer of every held-out prompt whose constraints do not involve what it changes:
+in each format the gold judge counts as unrequested (judge.FORMATS: quoted, as bullets, in capitals, wrapped in JSON,
+in lowercase), said twice, or cut before its closing EOS. It reports the mean change of the RM score, the fraction of
+prompts where it went up, and the same change for the gold judge, which scores every format rewrite lower. A probe
+the RM rewards is a direction PPO can climb without getting better: where reward hacking starts (Gao et al. 2022).
+"no EOS" reads the RM where a response cut at the cap ends.
 """
 import os
-import re
 from dataclasses import dataclass
 
 from .answers import MISFIRES
@@ -17,14 +17,11 @@ from .checkpoint import write_json
 from .cli import check, run
 from .data import read_prompts
 from .evaluate import load_rm, rm_scores
-from .judge import check_rows
+from .judge import FORMATS, check_rows
 from .judge import score as gold_score
 
-
 # name -> (rewrite of the text, the constraint families that make a prompt ineligible, RM reads without the EOS)
-PROBES = {"quotes": (MISFIRES["quotes"], {"quotes"}, False), "json": (MISFIRES["json"], {"json"}, False),
-          "capitals": (MISFIRES["upper"], {"case"}, False), "lowercase": (MISFIRES["lower"], {"case"}, False),
-          "bullets": (lambda s: "\n".join("- " + x for x in re.split(r"(?<=[.!?]) +", s) if x), {"bullets"}, False),
+PROBES = {**{f: (MISFIRES[f], FORMATS[f][1], False) for f in MISFIRES},
           "said twice": (lambda s: s + " " + s, {"word_limit"}, False), "no EOS": (lambda s: s, set(), True)}
 
 

@@ -4,13 +4,14 @@
     python -m nanoalign.tasks pairs --model M --prompts data/prompts.jsonl --out pairs.jsonl [--k 4 --judge RM_DIR]
 
 A prompt is a plain request about a topic plus one to three constraints a program can check ('Describe tea. Write
-your whole answer in lowercase letters. Include the word "calm".'). `make` writes, from one seed, SFT
-demonstrations, off-policy preference pairs (chosen = the demonstration, rejected = it with constraints broken), PPO
-prompts, and a held-out eval split whose topics and keywords are disjoint from training. `pairs` pairs the judge's
-best and worst of k samples per prompt from a model (UltraFeedback style). Each row carries its metadata
-({"prompt", "constraints": [{"type": "keyword", "value": "calm"}, ...], "topic", "split", "id"}), so the judge needs
-nothing else. Simplifications: one phrasing per constraint, answers built from a small hand-written sentence bank,
-and the judge checks form, not truth (except for arithmetic).
+your whole answer in lowercase letters. Include the word "calm".'), each in one of several wordings, before or after
+the request. `make` writes, from one seed, SFT demonstrations, off-policy preference pairs (chosen = the
+demonstration, rejected = it with constraints broken, or in a format nobody asked for), PPO prompts, a held-out eval
+split whose topics and keywords are disjoint from training, and a paraphrase split: eval's topics and keywords in
+wordings that training never uses. `pairs` pairs the judge's best and worst of k samples per prompt from a model
+(UltraFeedback style). Each row carries its metadata ({"prompt", "constraints": [{"type": "keyword", "value":
+"calm"}, ...], "topic", "split", "id"}), so the judge needs nothing else. Simplifications: answers built from a small
+hand-written sentence bank, and the judge checks form, not truth (except for arithmetic).
 """
 import dataclasses
 import json
@@ -20,7 +21,7 @@ import re
 import sys
 
 from . import cli
-from .answers import reject, render
+from .answers import misfire, reject, render
 from .judge import FAMILIES, has_word, words
 
 USAGE = "python -m nanoalign.tasks {make,pairs} [--help] [flags]"
@@ -34,28 +35,19 @@ CONFLICTS = {frozenset(p) for p in [("bullets", "quotes"), ("bullets", "json"), 
 # Each topic: three facts, then one tip. No double quotes; some commas, so that no_commas has work to do.
 with open(os.path.join(os.path.dirname(__file__), "assets", "topics.json"), encoding="utf-8") as _f:
     TOPICS = {topic: tuple(sentences) for topic, sentences in json.load(_f).items()}
-KEYWORDS = ("bright", "calm", "charming", "cheerful", "classic", "clever", "cozy", "curious", "elegant", "fresh",
-            "friendly", "gentle", "graceful", "handy", "humble", "lively", "lovely", "modern", "neat", "peaceful",
-            "pleasant", "practical", "quiet", "reliable", "simple", "steady", "sturdy", "tidy", "useful", "vivid")
-KEYWORD_SENTENCES = ("Overall it feels {}.", "Many people find it {}.", "In short it is {}.")
-START_PHRASES = ("Sure thing.", "Here is my answer.", "Good question.", "Happy to help.", "Let me explain.")
-END_PHRASES = ("Hope this helps.", "That is all.", "Thanks for asking.", "Have a nice day.", "That sums it up.")
-JSON_KEYS = ("answer", "summary", "text", "reply", "response")
-DESCRIBE = ("Describe {}.", "Tell me about {}.", "Explain {} in simple terms.", "Write a short note about {}.",
-            "What should I know about {}?")
-TIP = ("Give one tip about {}.", "Share a helpful tip about {}.")
-_STOP = set("""about after also always away been before being both called cannot does each even every from have
-    into just like made make many more most much need needs often only other others over rather same some such than
-    that their them then there they this those through used uses very well were what when where which while with
-    without your""".split())
+# "phrases" for the answers (keywords, the sentences that carry them, start and end phrases, JSON keys, function
+# words), and the wordings of requests and constraints: "train" for every file but paraphrase.jsonl, which has its own
+with open(os.path.join(os.path.dirname(__file__), "assets", "templates.json"), encoding="utf-8") as _f:
+    TEMPLATES = json.load(_f)
+PHRASES, KEYWORDS = TEMPLATES["phrases"], tuple(TEMPLATES["phrases"]["keywords"])
+TEMPLATES["eval"] = TEMPLATES["train"]  # held-out topics, in the training wordings
 # words an "avoid" constraint never names: function words and every word of our own templates and phrases
-_NEVER_AVOID = _STOP | set(re.findall(r"[a-z]+", " ".join(
-    KEYWORD_SENTENCES + START_PHRASES + END_PHRASES + JSON_KEYS + DESCRIBE + TIP).lower()))
+_NEVER_AVOID = set(re.findall(r"[a-z]+", json.dumps(TEMPLATES).lower()))
 
 
 def _split(names, every):  # fixed and seed-independent: every `every`-th name in sorted order is held out
-    names = sorted(names)
-    return {"train": [n for i, n in enumerate(names) if i % every != every - 1], "eval": names[every - 1::every]}
+    names, held = sorted(names), sorted(names)[every - 1::every]
+    return {"train": [n for n in names if n not in held], "eval": held, "paraphrase": held}
 
 
 TOPIC_SPLIT, KEYWORD_SPLIT = _split(TOPICS, 6), _split(KEYWORDS, 5)
@@ -64,19 +56,19 @@ TRAIN_VOCAB = {w for t in TOPIC_SPLIT["train"] for s in TOPICS[t] for w in re.fi
 
 
 # ------------------------------------------------------------------------------------- demonstrations and pairs
-def describe(c: dict) -> str:
-    """The prompt sentence that states constraint `c`."""
-    t, v = c["type"], c.get("value")
-    return {"case": f"Write your whole answer in {'lowercase' if v == 'lower' else 'capital'} letters.",
-            "keyword": f'Include the word "{v}".', "avoid": f'Do not use the word "{v}".',
-            "no_commas": "Do not use any commas.", "start": f'Begin your answer with the exact phrase "{v}"',
-            "end": f'End your answer with the exact phrase "{v}"', "quotes": "Wrap your whole answer in double quotes.",
-            "word_limit": f"Use at {'most' if c.get('relation') == 'at_most' else 'least'} {v} words.",
-            "bullets": f'Answer with exactly {v} bullet points that start with "- ".',
-            "json": f'Answer with a JSON object that has the key "{v}".'}[t]
+def wordings(c: dict, split: str) -> list[str]:
+    """Every sentence that may state constraint `c` in a prompt of `split`."""
+    key = {"case": c["value"], "word_limit": c.get("relation")}.get(c["type"], c["type"])  # lower/upper, at_most/...
+    return [t.format(c["value"]) for t in TEMPLATES[split][key]]
 
 
-def _text_task(rng: random.Random, split: str, hard: bool = False):
+def _prompt(rng: random.Random, request: str, cons: list[dict], split: str) -> str:
+    """The request and one wording of each constraint, the constraints first or last at random."""
+    stated = [rng.choice(wordings(c, split)) for c in cons]
+    return " ".join([request] + stated if rng.random() < 0.5 else stated + [request])
+
+
+def _text_task(rng: random.Random, split: str, longer: bool = False):
     """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
     fams = []
@@ -87,20 +79,20 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
     rng.shuffle(facts)
     is_tip = "bullets" not in fams and rng.random() < 0.3
     pool = [tip] + facts if is_tip else facts + [tip]  # the natural order to draw sentences in
-    request = rng.choice(TIP if is_tip else DESCRIBE).format(topic)
+    request = rng.choice(TEMPLATES[split]["tip" if is_tip else "describe"]).format(topic)
     v = {"no_commas": True, "quotes": True}
     v["case"] = "lower" if "json" in fams else rng.choice(("lower", "upper"))  # the JSON key is lowercase
     recase = {"lower": str.lower, "upper": str.upper}[v["case"]] if "case" in fams else str
-    v["start"], v["end"] = recase(rng.choice(START_PHRASES)), recase(rng.choice(END_PHRASES))
-    v["json"], relation = rng.choice(JSON_KEYS), rng.choice(("at_most", "at_least"))
+    v["start"], v["end"] = recase(rng.choice(PHRASES["start"])), recase(rng.choice(PHRASES["end"]))
+    v["json"], relation = rng.choice(PHRASES["json_keys"]), rng.choice(("at_most", "at_least"))
     v["bullets"] = n = (rng.randint(2, 3 if "avoid" in fams else 4) if "bullets" in fams else rng.randint(2, 3)
                         if "word_limit" in fams and relation == "at_least" else rng.randint(1, 2))
     pool_words = set(re.findall(r"[a-z]+", " ".join(pool).lower()))
     keywords = [k for k in KEYWORD_SPLIT[split] if k not in pool_words]
-    v["keyword"], kw_sentence = rng.choice(keywords), rng.choice(KEYWORD_SENTENCES)
+    v["keyword"], kw_sentence = rng.choice(keywords), rng.choice(PHRASES["keyword_sentences"])
     body, avoid_sentence = pool[:n], None
     if "avoid" in fams:  # a content word the natural answer would use, with enough sentences left without it
-        banned = _NEVER_AVOID | set(topic.split()) | (TRAIN_VOCAB if split == "eval" else set())
+        banned = _NEVER_AVOID | set(topic.split()) | (TRAIN_VOCAB if split != "train" else set())
         usable = lambda w: (w not in banned and sum(not has_word(w, s) for s in pool) >= n
                             and not (is_tip and has_word(w, tip)))  # a tip request keeps its tip
         cands = sorted({w for s in pool[:n + is_tip] for w in re.findall(r"[a-z]{4,}", s.lower()) if usable(w)})
@@ -118,9 +110,8 @@ def _text_task(rng: random.Random, split: str, hard: bool = False):
         wc = len(words(chosen))
         c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
                                                else max(5, wc // 5 * 5))
-    meta = {"prompt": request + " " + " ".join(describe(c) for c in cons), "constraints": cons, "topic": topic,
-            "split": split}
-    return meta, chosen, reject(rng, plan, meta, chosen, hard)
+    meta = {"prompt": _prompt(rng, request, cons, split), "constraints": cons, "topic": topic, "split": split}
+    return meta, chosen, reject(rng, plan, meta, chosen, longer)
 
 
 def _arithmetic_task(rng: random.Random, split: str):
@@ -128,21 +119,21 @@ def _arithmetic_task(rng: random.Random, split: str):
         op = rng.choice("+-*")
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 40), rng.randint(2, 40))
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)  # no negative answers
-        if ("eval" if (7 * a + 3 * b + "+-*".index(op)) % 5 == 0 else "train") == split:  # a fixed split
+        if ((7 * a + 3 * b + "+-*".index(op)) % 5 == 0) == (split != "train"):  # a fixed held-out fifth
             break
     answer, expr = (a + b if op == "+" else a - b if op == "-" else a * b), f"{a} {op} {b}"
-    meta = {"prompt": rng.choice(("What is {}?", "Compute {}.")).format(expr) + " Reply with the number only.",
-            "constraints": [{"type": "arithmetic", "value": answer, "expr": expr}], "topic": "arithmetic",
-            "split": split}
-    rejected = rng.choice((f"The answer is {answer}.", f"{expr} = {answer}", str(answer + rng.choice((-2, -1, 1, 10)))))
-    return meta, str(answer), rejected
+    cons = [{"type": "arithmetic", "value": answer, "expr": expr}]
+    meta = {"prompt": _prompt(rng, rng.choice(TEMPLATES[split]["compute"]).format(expr), cons, split),
+            "constraints": cons, "topic": "arithmetic", "split": split}
+    wrong = (f"The answer is {answer}.", f"{expr} = {answer}", str(answer + rng.choice((-2, -1, 1, 10))))
+    return meta, str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
 
 
-def sample_example(rng: random.Random, split: str, hard: bool = False) -> tuple[dict, str, str]:
-    """One task from `split` ("train" or "eval"): (meta, chosen demonstration, rejected response)."""
+def sample_example(rng: random.Random, split: str, longer: bool = False) -> tuple[dict, str, str]:
+    """One task from `split` (train, eval, or paraphrase: eval's in other wordings): (meta, chosen, rejected)."""
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split)
-    while (out := _text_task(rng, split, hard)) is None:
+    while (out := _text_task(rng, split, longer)) is None:
         pass
     return out
 
@@ -154,17 +145,18 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
 
 
 def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
-         hard_negatives: bool = False) -> dict[str, int]:
-    """Write the five .jsonl files into `out` from `seed`; -> rows per file. hard_negatives: only rejected change."""
+         longer_negatives: bool = False) -> dict[str, int]:
+    """Write the six .jsonl files into `out` from `seed`; -> rows per file. longer_negatives: only rejected change."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
-                           ("eval", "eval", n_eval), ("eval_prefs", "eval", n_eval)):
+                           ("eval", "eval", n_eval), ("eval_prefs", "eval", n_eval),
+                           ("paraphrase", "paraphrase", n_eval)):
         rng, rows, seen = random.Random(f"{seed}/{name}"), [], set()  # str seeds hash with sha512: stable
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, chosen, rejected = sample_example(rng, split, hard_negatives)
+            meta, chosen, rejected = sample_example(rng, split, longer_negatives)
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
@@ -175,7 +167,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
             elif name in ("prefs", "eval_prefs"):  # eval_prefs: held-out pairs for RM / DPO accuracy
                 rows.append({"prompt": meta["prompt"], "chosen": chosen, "rejected": rejected, **rest, "id": rid})
             else:  # prompts for PPO; eval rows also keep the demonstration as a reference answer
-                rows.append({**meta, **({"reference": chosen} if name == "eval" else {}), "id": rid})
+                rows.append({**meta, **({"reference": chosen} if split != "train" else {}), "id": rid})
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
         counts[name] = len(rows)
     return counts
@@ -183,22 +175,21 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
 
 @dataclasses.dataclass
 class MakeConfig:
-    """Write the suite's sft, prefs, prompts, eval and eval_prefs .jsonl into --out, deterministically from --seed."""
+    """Write sft, prefs, prompts, eval, eval_prefs and paraphrase .jsonl into --out, deterministically from --seed."""
     out: str = ""  # output directory
     seed: int = 0  # everything is a deterministic function of this seed
     n_sft: int = 2000  # SFT demonstrations
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
-    n_eval: int = 200  # held-out eval prompts (unseen topics and keywords), and as many pairs in eval_prefs.jsonl
-    hard_negatives: bool = False  # some rejected answers in an unrequested format, or longer (answers.hard_negative)
+    n_eval: int = 200  # held-out eval prompts (unseen topics and keywords); as many in eval_prefs and paraphrase
+    longer_negatives: bool = False  # a quarter of the rejected answers shorter than their chosen get a sentence more
 
 
 def make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(cfg.out != "", "--out is required")
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
-    for f in ("n_sft", "n_prefs", "n_prompts", "n_eval"):
-        cli.check(getattr(cfg, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
-    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.hard_negatives)
+    cli.check_ranges(cfg, non_negative=("n_sft", "n_prefs", "n_prompts", "n_eval"))
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.longer_negatives)
     print("\n".join(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}" for name, k in counts.items()))
     return counts
 

@@ -12,7 +12,7 @@ from nanoalign.checkpoint import save_checkpoint
 from nanoalign.cli import UserError
 from nanoalign.data import read_prompts, read_prefs
 
-EXPECTED_KEYS = {"gold_mean", "gold_stderr", "win_rate", "kl", "mean_length", "eos_rate", "n"}
+EXPECTED_KEYS = {"gold_mean", "gold_stderr", "win_rate", "kl", "mean_length", "eos_rate", "n", "unrequested_rate"}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +189,26 @@ def test_best_of_n_is_at_least_the_single_sample_mean_for_the_draws(tmp_path, mo
     assert res["best_of_n_gold_mean"] >= res["gold_mean"]  # true for these draws: 30 prompts, best of 4
     written = [json.loads(line) for line in best_file.read_text().splitlines()]
     assert [gold(w["messages"][-1]["content"], r) for w, r in zip(written, rows)] == best
+
+
+def test_unrequested_format_rate_overall_and_per_format(tmp_path, monkeypatch, capsys):
+    keyword, quotes = [{"type": "keyword", "value": "calm"}], [{"type": "quotes", "value": True}]
+    answers = {"Describe tea.": '"Tea is calm."', "Describe milk.": "TEA IS CALM.", "Describe ice.": "Tea is calm.",
+               "Quote tea.": '"Tea is calm."'}  # quotes and capitals nobody asked for; the last one asked for quotes
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "constraints": quotes if p == "Quote tea." else keyword}) + "\n"
+                               for p in answers))
+    monkeypatch.setattr(evaluate, "sample", lambda model, tok, ps, n=1, *a, **k: [([1], [5], answers[p], True)
+                                                                                   for p in ps for _ in range(n)])
+    res = evaluate.main(evaluate.Config(model="tiny", prompts=str(prompts), out=str(tmp_path / "res.json")))
+    assert res["unrequested_rate"] == 0.5  # 2 of the 4 answers
+    assert res["unrequested_by_format"] == pytest.approx(  # per format, among the prompts that did not ask for it
+        {"quotes": 1 / 3, "bullets": 0.0, "capitals": 1 / 4, "json": 0.0, "lowercase": 0.0})
+    assert res["gold_mean"] == pytest.approx((1 / 2 + 1 / 2 + 1 + 1) / 4)  # "calm" is there: 1 of 2
+    assert json.loads((tmp_path / "res.json").read_text())["unrequested_by_format"]["capitals"] == 0.25
+    table = capsys.readouterr().out.splitlines()[-3:]
+    assert table[0] == "| model | gold | ± se | unrequested | length | EOS rate |"
+    assert table[2] == "| tiny | 0.750 | 0.144 | 0.500 | 1.0 | 1.00 |"  # se: sd 0.289 / sqrt(4)
 
 
 # --------------------------------------------------------------------------------------- reward-model judge

@@ -1,10 +1,13 @@
 """The `make demo` pipeline on a tiny model: SFT -> RM -> DPO -> PPO, each stage initialised from the SFT
-checkpoint as in the Makefile, and each stage's own metric must move the right way."""
+checkpoint as in the Makefile, and each stage's own metric must move the right way; and `make iterate`'s rounds."""
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ONE_THREAD, ROOT
 
 sys.path.insert(0, ROOT)
 import train_dpo  # noqa: E402
@@ -56,3 +59,43 @@ def test_sft_rm_dpo_ppo_pipeline_on_a_tiny_model(tmp_path):
     with open(tmp_path / "ppo" / "log.jsonl") as f:
         scores = [json.loads(line)["score"] for line in f]
     assert sum(scores[-3:]) / 3 >= sum(scores[:2]) / 2 + 0.15, scores
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir):
+    """`make iterate` on the tiny model: 2 rounds of k=2 samples -> RM judge -> best-vs-worst pairs -> 2 DPO steps,
+    each round from the last round's policy, then every round evaluated on the paraphrase split with KL to BASE."""
+    from nanoalign import evaluate, tasks
+    tasks.make(str(tmp_path / "data"), seed=0, n_sft=0, n_prefs=0, n_prompts=6, n_eval=4)
+    out = tmp_path / "it"
+    r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "iterate", f"BIN={os.path.dirname(sys.executable)}",
+                        "BASE=tiny", f"PROMPTS={tmp_path / 'data' / 'prompts.jsonl'}", f"OUT={out}", "K=2",
+                        f"JUDGE={rm_dir}", "ROUNDS=2", "ROUND_STEPS=2", "PAIRS_ARGS=--limit 3 --max-new-tokens 8",
+                        "DPO_ARGS=--lora-rank 4 --lora-alpha 8 --lr 1e-2 --batch-size 2 --warmup 0 --max-len 512 "
+                        "--device cpu", "EVAL_ARGS=--limit 4 --max-new-tokens 8"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n, init in ((1, "tiny"), (2, str(out / "round1"))):  # each round starts from, and is anchored to, the last
+        run = json.loads((out / f"round{n}" / "run.json").read_text())
+        assert run["init"] == init and run["data"] == str(out / f"pairs{n}.jsonl")
+        metrics = json.loads((out / f"round{n}" / "metrics.json").read_text())
+        assert metrics["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # π == π_ref at step 0: ln 2
+    # round 2's pairs are the RM's best and worst of round 1's samples (seed 2), not of the starting policy's
+    prompts = [json.loads(line) for line in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()][:3]
+    drawn = {}
+    for name in (str(out / "round1"), "tiny"):
+        model, tok = hub.load(name)
+        drawn[name] = [s[2] for s in evaluate.sample(model.eval(), tok, [p["prompt"] for p in prompts], 2, 1.0, 8, 2)]
+    assert drawn[str(out / "round1")] != drawn["tiny"]  # the first round moved the policy
+    pairs = [json.loads(line) for line in (out / "pairs2.jsonl").read_text().splitlines()]
+    rm, tok = hub.load(str(rm_dir))
+    for p in pairs:
+        i = next(i for i, q in enumerate(prompts) if q["prompt"] == p["prompt"])
+        assert {p["chosen"], p["rejected"]} <= set(drawn[str(out / "round1")][2 * i:2 * i + 2])
+        assert evaluate.rm_scores(rm.eval(), tok, [p["prompt"]], [p["chosen"]])[0] > p["rejected_score"]
+    res = json.loads((out / "results.json").read_text())
+    paraphrase = {json.loads(line)["prompt"] for line in open(tmp_path / "data" / "paraphrase.jsonl")}
+    assert list(res) == ["round0", "round1", "round2"] and res["round0"]["kl"] == 0.0  # round0 is BASE itself
+    for name in ("round1", "round2"):
+        assert res[name]["n"] == 4 and res[name]["kl"] != 0.0 and "unrequested_rate" in res[name]
+        assert res[name]["examples"][0]["prompt"] in paraphrase

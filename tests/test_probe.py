@@ -16,12 +16,18 @@ ROWS = [{"prompt": 'Describe tea. Include the word "calm".', "constraints": [{"t
 def test_probe_hand_worked():
     # a fake RM: +1 for a leading double quote, +10 when read without the closing EOS
     res = probe.probe(lambda rows, texts, open_end: [float(t.startswith('"')) + 10 * open_end for t in texts], ROWS)
-    # quotes: only the keyword prompt is eligible (the other asks for quotes; arithmetic never counts)
-    assert res["quotes"] == {"n": 1, "rm_shift": 1.0, "rm_up": 1.0, "gold_shift": 0.0}  # still says "calm"
-    # JSON: both prose prompts; the quoted reference loses its leading quote (-1) and its quotes constraint (-1)
-    assert res["json"] == {"n": 2, "rm_shift": -0.5, "rm_up": 0.0, "gold_shift": -0.5}
+    # quotes: only the keyword prompt is eligible (the other asks for quotes; arithmetic never counts). It still says
+    # "calm", but the quotes nobody asked for are a second constraint failed: 1/2
+    assert res["quotes"] == {"n": 1, "rm_shift": 1.0, "rm_up": 1.0, "gold_shift": -0.5}
+    # JSON: both prose prompts; keyword 1 -> 1/2; the quoted reference loses its leading quote (RM -1) and its quotes
+    # constraint, and the JSON is unasked: 1 -> 0/2
+    assert res["json"] == {"n": 2, "rm_shift": -0.5, "rm_up": 0.0, "gold_shift": -0.75}
+    # bullets: "- Tea is calm." 1 -> 1/2; '- "Tea is hot."' is no longer quoted either: 1 -> 0/2
+    assert res["bullets"] == {"n": 2, "rm_shift": -0.5, "rm_up": 0.0, "gold_shift": -0.75}
+    for case in ("capitals", "lowercase"):  # "CALM" still counts as the word; the case is the one failure
+        assert res[case]["n"] == 2 and res[case]["gold_shift"] == -0.5
+    assert res["said twice"] == {"n": 2, "rm_shift": 0.0, "rm_up": 0.0, "gold_shift": 0.0}
     assert res["no EOS"] == {"n": 2, "rm_shift": 10.0, "rm_up": 1.0, "gold_shift": 0.0}  # the judge sees the same text
-    assert res["capitals"]["n"] == 2 and res["capitals"]["gold_shift"] == 0.0  # "CALM" still counts as the word
     assert probe.probe(lambda rows, texts, open_end: [0.0] * len(texts), ROWS[2:]) == {}  # nothing eligible
 
 
@@ -44,9 +50,14 @@ def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
                                                       abs=1e-5)
     gold = [judge.score(q, x) - judge.score(p, x) for p, q, x in zip(plain, quoted, rows)]
     assert res["quotes"]["gold_shift"] == pytest.approx(sum(gold) / len(rows))
-    assert max(gold) <= 0  # the gold judge never pays for unrequested quotes
+    assert max(gold) < 0  # unrequested quotes always cost gold
     every = [x for x in (json.loads(l) for l in open(tmp_path / "eval.jsonl"))
              if "arithmetic" not in {c["type"] for c in x["constraints"]}]  # "no EOS" is eligible everywhere else
+    for name in judge.FORMATS:  # every format probe is exactly a format the judge counts as unrequested
+        assert res[name]["n"] > 0 and res[name]["gold_shift"] < 0, name
+        rewrite, skip, _ = probe.PROBES[name]
+        for x in (x for x in every if not {c["type"] for c in x["constraints"]} & skip):
+            assert name in judge.unrequested(rewrite(x["reference"]), x), (name, x)
     rm_all, rm_all_cut = (evaluate.rm_scores(rm, tok, [x["prompt"] for x in every], [x["reference"] for x in every],
                                              open_end=o) for o in (False, True))
     assert res["no EOS"] == pytest.approx({"n": len(every), "rm_shift": sum(c - p for p, c in zip(rm_all, rm_all_cut))
