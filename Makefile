@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch first, pinned to the local CPU wheel, so nothing pulls a multi-GB CUDA build; metadata stays torch>=2.4
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test venv clean iterate
+.PHONY: demo test venv clean iterate transfer
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,7 @@ test: $(STAMP)
 # scores normalised on the first rollout: why each choice, with the validation runs behind it, is in docs/ppo_rm.md.
 LONG    ?= 0
 GOLD    ?= 0
+SEED    ?= 0
 ifeq ($(LONG),1)
 DEMO      := out/long
 SFT_STEPS := 200
@@ -47,7 +48,7 @@ GOLD_STEPS := 4
 N_EVAL    := 100
 endif
 DATA    := $(DEMO)/data
-LORA    := --lora-rank 16 --lora-alpha 32 --bf16
+LORA    := --lora-rank 16 --lora-alpha 32 --bf16 --seed $(SEED)
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
@@ -72,6 +73,17 @@ endif
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
 		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
 	$(BIN)/python -m nanoalign.report $(DEMO) --out $(DEMO)/report
+
+# Does the demo's gain transfer? Its models on the paraphrase split (held-out wordings and topics), the RM's probe
+# (unrequested formats should not score higher) and its accuracy on on-policy pairs (best vs worst of 4 SFT samples)
+transfer: $(STAMP)
+	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/paraphrase.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) \
+		--batch-size 64 --max-new-tokens 64 --bf16 --out $(DEMO)/paraphrase.json \
+		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo
+	$(BIN)/python -m nanoalign.tasks pairs --model $(DEMO)/sft --prompts $(DATA)/eval.jsonl --k 4 --limit $(N_EVAL) \
+		--max-new-tokens 64 --batch-size 64 --bf16 --out $(DEMO)/onpolicy_pairs.jsonl
+	$(BIN)/python -m nanoalign.probe --rm $(DEMO)/rm --prompts $(DATA)/eval.jsonl --prefs $(DEMO)/onpolicy_pairs.jsonl \
+		--out $(DEMO)/probe.json
 
 # Iterative DPO as one command (online DPO; Xiong et al. 2024, Llama 3's rounds). Each of ROUNDS rounds samples K
 # answers per prompt of PROMPTS from the current policy, JUDGE (gold, or a reward-model dir) keeps the best and the

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from .answers import MISFIRES
 from .checkpoint import write_json
 from .cli import check, run
-from .data import read_prompts
-from .evaluate import load_rm, rm_scores
+from .data import read_prefs, read_prompts
+from .evaluate import load_rm, rm_accuracy, rm_scores
 from .judge import FORMATS, check_rows
 from .judge import score as gold_score
 
@@ -49,6 +49,7 @@ class Config:
     """Probe a reward model with rewrites of reference answers that its prompts did not ask for."""
     rm: str = ""  # reward-model checkpoint dir
     prompts: str = ""  # eval JSONL with task metadata and a "reference" answer (nanoalign.tasks make: eval.jsonl)
+    prefs: str = ""  # optional preference JSONL (e.g. on-policy pairs from `tasks pairs`): the RM's pair accuracy on it
     out: str = ""  # optional JSON file for the results
     device: str = "cpu"  # cpu or cuda
 
@@ -60,12 +61,16 @@ def main(cfg: Config) -> dict:
     check_rows(rows, cfg.prompts)
     missing = next((r for r in rows if not isinstance(r.get("reference"), str)), None)
     check(missing is None, f"{cfg.prompts}:{missing and missing.get('line')}: no \"reference\" answer to rewrite")
+    prefs = read_prefs(cfg.prefs, "--prefs") if cfg.prefs else None
     rm, tok = load_rm(cfg.rm, cfg.device)
     res = probe(lambda rs, texts, open_end: rm_scores(rm, tok, [r["prompt"] for r in rs], texts, open_end=open_end),
                 rows)
     print("| rewrite (not asked for) | prompts | RM score change | RM score up | gold change |\n|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['n']} | {r['rm_shift']:+.2f} | {r['rm_up']:.2f} | {r['gold_shift']:+.2f} |")
+    if prefs:
+        res["pairs"] = rm_accuracy(rm, tok, prefs)
+        print(f"pair accuracy {res['pairs']['rm_accuracy']:.3f} on {cfg.prefs} (n={res['pairs']['rm_n']})")
     if cfg.out:
         write_json(cfg.out, res)
     return res

@@ -69,3 +69,25 @@ def test_probe_needs_reference_answers(tmp_path, rm_dir):
     tasks.make(str(tmp_path), seed=0, n_sft=0, n_prefs=0, n_prompts=4, n_eval=0)
     r = run_cli(["-m", "nanoalign.probe", "--rm", str(rm_dir), "--prompts", str(tmp_path / "prompts.jsonl")])
     assert_user_error(r, "prompts.jsonl:1", "reference")
+
+
+def test_probe_prefs_reports_the_rms_pair_accuracy(tmp_path, rm_dir):
+    tasks.make(str(tmp_path), seed=0, n_sft=0, n_prefs=0, n_prompts=0, n_eval=6)
+    rows = [json.loads(l) for l in open(tmp_path / "eval_prefs.jsonl")]
+    rm, tok = hub.load(str(rm_dir))
+    ch, rj = (evaluate.rm_scores(rm.eval(), tok, [x["prompt"] for x in rows], [x[k] for x in rows])
+              for k in ("chosen", "rejected"))
+    flip = tmp_path / "flipped.jsonl"  # the same pairs with chosen and rejected swapped: accuracy 1 - a (no ties)
+    flip.write_text("".join(json.dumps({**x, "chosen": x["rejected"], "rejected": x["chosen"]}) + "\n" for x in rows))
+    for path, want in ((tmp_path / "eval_prefs.jsonl", sum(a > b for a, b in zip(ch, rj)) / len(rows)),
+                       (flip, sum(b > a for a, b in zip(ch, rj)) / len(rows))):
+        out = tmp_path / "probe.json"
+        r = run_cli(["-m", "nanoalign.probe", "--rm", str(rm_dir), "--prompts", str(tmp_path / "eval.jsonl"),
+                     "--prefs", str(path), "--out", str(out)])
+        assert r.returncode == 0, r.stderr
+        assert json.loads(out.read_text())["pairs"]["rm_accuracy"] == pytest.approx(want)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    r = run_cli(["-m", "nanoalign.probe", "--rm", str(rm_dir), "--prompts", str(tmp_path / "eval.jsonl"),
+                 "--prefs", str(bad)])
+    assert_user_error(r, "bad.jsonl:1", "chosen")
