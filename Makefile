@@ -85,10 +85,10 @@ transfer: $(STAMP)
 	$(BIN)/python -m nanoalign.probe --rm $(DEMO)/rm --prompts $(DATA)/eval.jsonl --prefs $(DEMO)/onpolicy_pairs.jsonl \
 		--out $(DEMO)/probe.json
 
-# Iterative DPO as one command (online DPO; Xiong et al. 2024, Llama 3's rounds). Each of ROUNDS rounds samples K
-# answers per prompt of PROMPTS from the current policy, JUDGE (gold, or a reward-model dir) keeps the best and the
-# worst (`nanoalign.tasks pairs`), and DPO trains from that policy on those pairs, so the round's reference is the last
-# round's policy. Then every round's policy (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
+# Iterative DPO as one command (online DPO; Xiong et al. 2024, Llama 3's rounds). Each of ROUNDS rounds takes the
+# next PER_ROUND prompts of PROMPTS, samples K answers to each from the current policy, JUDGE (gold, or a reward-model
+# dir) keeps the best and the worst (`nanoalign.tasks pairs`), and DPO trains from that policy on those pairs, so the
+# round's reference is the last round's policy. Then every round's policy (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
 #   make iterate BASE=out/demo/sft PROMPTS=out/demo/data/prompts.jsonl ROUNDS=2 K=4 JUDGE=gold OUT=out/iterate
 ROUNDS  ?= 2
 BASE    ?= out/demo/sft
@@ -98,15 +98,17 @@ OUT     ?= out/iterate
 K       ?= 4
 JUDGE   ?= gold
 ROUND_STEPS ?= 20
-PAIRS_ARGS  ?= --limit 128 --max-new-tokens 64 --batch-size 64 --bf16
+PER_ROUND   ?= 128
+PAIRS_ARGS  ?= --max-new-tokens 64 --batch-size 64 --bf16
 DPO_ARGS    ?= $(LORA) --lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --warmup 2 --max-len 256 --log-every 5
 EVAL_ARGS   ?= --limit 100 --max-new-tokens 64 --batch-size 64 --bf16
 iterate: $(STAMP)
-	rm -rf $(OUT)
+	rm -rf $(OUT) && mkdir -p $(OUT)
 	set -e; policy=$(BASE); models=round0=$(BASE); \
 	for r in $$(seq $(ROUNDS)); do \
-		$(BIN)/python -m nanoalign.tasks pairs --model $$policy --prompts $(PROMPTS) --k $(K) --judge $(JUDGE) \
-			--seed $$r --out $(OUT)/pairs$$r.jsonl $(PAIRS_ARGS); \
+		sed -n "$$(( (r - 1) * $(PER_ROUND) + 1 )),$$(( r * $(PER_ROUND) ))p" $(PROMPTS) > $(OUT)/prompts$$r.jsonl; \
+		$(BIN)/python -m nanoalign.tasks pairs --model $$policy --prompts $(OUT)/prompts$$r.jsonl --k $(K) \
+			--judge $(JUDGE) --seed $$r --out $(OUT)/pairs$$r.jsonl $(PAIRS_ARGS); \
 		$(BIN)/python train_dpo.py --init $$policy --data $(OUT)/pairs$$r.jsonl --out $(OUT)/round$$r \
 			--max-steps $(ROUND_STEPS) --seed $$r $(DPO_ARGS); \
 		policy=$(OUT)/round$$r; models="$$models round$$r=$$policy"; \

@@ -70,7 +70,7 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
     out = tmp_path / "it"
     r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "iterate", f"BIN={os.path.dirname(sys.executable)}",
                         "BASE=tiny", f"PROMPTS={tmp_path / 'data' / 'prompts.jsonl'}", f"OUT={out}", "K=2",
-                        f"JUDGE={rm_dir}", "ROUNDS=2", "ROUND_STEPS=2", "PAIRS_ARGS=--limit 3 --max-new-tokens 8",
+                        f"JUDGE={rm_dir}", "ROUNDS=2", "ROUND_STEPS=2", "PER_ROUND=3", "PAIRS_ARGS=--max-new-tokens 8",
                         "DPO_ARGS=--lora-rank 4 --lora-alpha 8 --lr 1e-2 --batch-size 2 --warmup 0 --max-len 512 "
                         "--device cpu", "EVAL_ARGS=--limit 4 --max-new-tokens 8"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=600)
@@ -80,8 +80,12 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
         assert run["init"] == init and run["data"] == str(out / f"pairs{n}.jsonl")
         metrics = json.loads((out / f"round{n}" / "metrics.json").read_text())
         assert metrics["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # π == π_ref at step 0: ln 2
-    # round 2's pairs are the RM's best and worst of round 1's samples (seed 2), not of the starting policy's
-    prompts = [json.loads(line) for line in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()][:3]
+    # round 2's pairs are the RM's best and worst of round 1's samples (seed 2) on the next 3 prompts, not of the
+    # starting policy's
+    every = [json.loads(line) for line in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
+    prompts = every[3:6]
+    first = {json.loads(line)["prompt"] for line in (out / "pairs1.jsonl").read_text().splitlines()}
+    assert first and first <= {p["prompt"] for p in every[:3]}  # round 1 had the first 3
     drawn = {}
     for name in (str(out / "round1"), "tiny"):
         model, tok = hub.load(name)
