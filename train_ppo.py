@@ -7,10 +7,9 @@ The KL: GAE's rewards carry −β·KL_t per token; RLOO folds it into the sequen
 normalises the scores alone and adds β·KL (k3) to the loss (Shao et al. 2024, eq. 3-4), since dividing a KL-folded
 reward by the group's std would blow tiny KL differences between tied responses up into full advantages. With task
 metadata the gold score is logged beside the RM's (proxy up, gold down: over-optimisation, Gao et al. 2022).
---bf16 samples from a bf16 copy of the weights, a slightly different policy from the π_old of the update: log.jsonl's
-sampler_mismatch is mean |log π_sampler − log π_old| per sampled token (log π_sampler as generate drew the token), and
---tis-cap C weights each token's policy term by min(π_old/π_sampler, C) (truncated importance sampling, as verl and
-TRL do for vLLM rollouts).
+--bf16 samples from a bf16 copy of the weights, a slightly different policy from the update's π_old: log.jsonl's
+sampler_mismatch is mean |log π_sampler − log π_old| per sampled token, and --tis-cap C weights each token's policy
+term by min(π_old/π_sampler, C) (truncated importance sampling, as verl and TRL do for vLLM rollouts).
 Simplified: the value head is a Linear on the policy's hidden states (as TRL; OpenAI trains a separate network); a
 constant lr. Sampling and shuffles are seeded by (seed, iteration) and drawn for the global batch, so --resume needs
 no sampler state, and W torchrun ranks take the steps of one process (up to float summation order).
@@ -23,14 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import fast, loop, packing, rl
+from nanoalign import fast, hub, lora, loop, packing, rl
 from nanoalign.cli import Logger, check, check_ranges
 from nanoalign.data import collate_sft, read_prompts, read_sft, tokenize_sft
 from nanoalign.generate import generate
-from nanoalign.hub import load
 from nanoalign.judge import check_rows, score as gold_score
 from nanoalign.logprobs import logprobs_chunked, token_logprobs
-from nanoalign.lora import disable_adapter
 from nanoalign.losses import sft_loss, whiten
 from nanoalign.model import last_token_index
 
@@ -107,7 +104,7 @@ class Samples:
 def forward(model, value_head, x: Samples, temperature: float, bf16=False, compiled=False, k: int = 1):
     """-> log π(y_t | x, y_<t) at temperature T (B, N), 0 after EOS; values (B, N) (None without a value head); and
     the hidden states (B, N, C) that predict the response tokens. bf16 autocasts the trunk; the rest stays fp32."""
-    with torch.autocast(x.seq.device.type, torch.bfloat16, enabled=bf16):
+    with loop.autocast(bf16, x.seq.device):
         h = packing.response_hidden(model, x.seq, x.attn, x.mask, x.P, k).float()  # k > 1: prompt-shared rows
     keep = x.mask.bool()
     lp = logprobs_chunked(h[keep], model.lm_head.weight, x.seq[:, x.P:][keep], temperature, compiled=compiled)
@@ -122,15 +119,6 @@ def forward_in_chunks(model, value_head, x: Samples, parts: list, cfg: Config, k
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if value_head is not None else None
 
 
-@torch.no_grad()
-def rm_score(rm, x: Samples, cut, eos_id: int, k: int = 1):
-    """Reward-model score (B,) at the last real token. An RM only ever saw finished answers, so a row cut off before
-    EOS (cut, (B,) bool) is scored closed with an EOS in a new last column, as the gold judge scores it."""
-    col = cut.to(x.attn.dtype)[:, None]
-    return packing.response_rewards(rm, torch.cat([x.seq, torch.full_like(col, eos_id)], 1),
-                                    torch.cat([x.attn, col], 1), torch.cat([x.mask, col], 1), x.P, k)
-
-
 def optional_terms(loss, m: dict, b: dict, model, cfg: Config, beta: float, ptx: list, update: int, rank, world):
     """The minibatch loss + its optional terms, each logged in m and a sum over this rank's tokens / ALL ranks' count.
     b: the minibatch's rows of the rollout and of forward's outputs, and n_tok, that count. ptx: the demonstrations."""
@@ -143,9 +131,8 @@ def optional_terms(loss, m: dict, b: dict, model, cfg: Config, beta: float, ptx:
         loss = loss + beta * m["kl_loss"]
     if ptx:  # + γ·NLL of --ptx-batch demonstrations (PPO-ptx, Ouyang et al. 2022, eq. 2), drawn by the update's index
         idx = loop.shard(loop.batch_indices(update, cfg.ptx_batch, len(ptx), cfg.seed + 1), rank, world)
-        device = model.lm_head.weight.device
-        d = {key: v.to(device) for key, v in collate_sft([ptx[j] for j in idx], pad_id=0).items()}  # pads: masked
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+        d = {key: v.to(b["mask"].device) for key, v in collate_sft([ptx[j] for j in idx], 0).items()}  # pads: masked
+        with loop.autocast(cfg.bf16, b["mask"].device):
             lp = token_logprobs(model, d["input_ids"], d["attention_mask"], d["loss_mask"], compiled=cfg.compile)
         m["ptx_loss"] = sft_loss(lp, d["loss_mask"][:, 1:], loop.all_reduce_sum(d["loss_mask"][:, 1:].sum().float()))
         loss = loss + cfg.ptx_coef * m["ptx_loss"]
@@ -155,17 +142,9 @@ def optional_terms(loss, m: dict, b: dict, model, cfg: Config, beta: float, ptx:
     return loss
 
 
-def restore(st: dict, kl_ctl, value_head) -> tuple[int, int, tuple | None]:
-    """loop.start_or_resume's state -> (start step, skipped steps, reward_norm); β and the value head restored."""
-    kl_ctl.value = st["extra"].get("beta", kl_ctl.value)
-    if st["extra"].get("value_head"):
-        value_head.load_state_dict(st["extra"]["value_head"])
-    return st["step"], st["extra"].get("skipped", 0), st["extra"].get("reward_norm")
-
-
-def check_flags(cfg: Config, world: int) -> tuple[int, int]:
-    """Nonsense flags are one-line errors (exit 2) before anything is loaded. -> (k samples per prompt, responses
-    per forward row: k with --share-prompt, else 1)."""
+def check_inputs(cfg: Config, world: int) -> tuple[int, int, list, list, bool]:
+    """Nonsense flags and unusable files are one-line errors (exit 2) before anything is loaded. -> (k samples per
+    prompt, responses per forward row (k with --share-prompt, else 1), prompt rows, --ptx-data rows, has_gold)."""
     check_ranges(cfg, positive=("max_steps", "rollout_batch", "minibatch_size", "max_new_tokens", "temperature", "lr",
                                 "kl_horizon", "ppo_epochs", "max_len", "log_every", "ptx_batch"),
                  non_negative=("kl_coef", "target_kl", "clip", "value_clip", "vf_coef", "entropy_coef", "grad_clip",
@@ -175,8 +154,8 @@ def check_flags(cfg: Config, world: int) -> tuple[int, int]:
     check(cfg.estimator == "gae" or k >= 2, f"--estimator {cfg.estimator} needs --samples-per-prompt >= 2, got {k}")
     check(cfg.estimator == "gae" or not (cfg.whiten_rewards or cfg.value_from_rm),
           "--whiten-rewards and --value-from-rm apply to --estimator gae only")
-    check(cfg.reward != "gold" or not cfg.value_from_rm, "--value-from-rm needs --reward RM_DIR")
-    check(cfg.reward != "gold" or not cfg.normalize_reward, "--normalize-reward needs --reward RM_DIR")
+    check(cfg.reward != "gold" or not (cfg.value_from_rm or cfg.normalize_reward),
+          "--value-from-rm and --normalize-reward need --reward RM_DIR")
     check(cfg.reward == "gold" or os.path.isdir(cfg.reward), f"--reward: {cfg.reward}: not 'gold' or a directory")
     check(bool(cfg.ptx_data) == (cfg.ptx_coef > 0), "--ptx-data and --ptx-coef > 0 go together")
     check(cfg.tis_cap == 0 or cfg.bf16, "--tis-cap corrects for --bf16's sampling copy: it needs --bf16")
@@ -184,14 +163,11 @@ def check_flags(cfg: Config, world: int) -> tuple[int, int]:
           f"multiple of --samples-per-prompt {k} with --share-prompt (or pass --share-prompt false)")
     for name in ("rollout_batch", "minibatch_size") + (("ptx_batch",) if cfg.ptx_data else ()):
         check((v := getattr(cfg, name)) % world == 0, f"--{name.replace('_', '-')} {v} must divide by {world} ranks")
-    return k, k if cfg.share_prompt else 1
-
-
-def read_inputs(cfg: Config) -> tuple[list, list, bool]:
-    """-> (prompt rows, --ptx-data rows, whether every prompt has the gold judge's metadata), all checked up front."""
     rows = read_prompts(cfg.prompts)
     check_rows(rows, cfg.prompts, need_all=cfg.reward == "gold")  # the judge's metadata, not minutes into the run
-    return rows, read_sft(cfg.ptx_data, "--ptx-data") if cfg.ptx_data else [], all("constraints" in r for r in rows)
+    ptx = read_sft(cfg.ptx_data, "--ptx-data") if cfg.ptx_data else []
+    loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)  # every rank checks --out; rank 0 records the run later
+    return k, k if cfg.share_prompt else 1, rows, ptx, all("constraints" in r for r in rows)
 
 
 def load_models(cfg: Config, device: str):
@@ -203,49 +179,42 @@ def load_models(cfg: Config, device: str):
           f"--max-len + --max-new-tokens exceed the model's {model.cfg.max_position_embeddings} positions")
     ref_model, rm, value_head = None if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False), None, None
     if cfg.reward != "gold":
-        rm, rm_tok = load(cfg.reward, device)
+        rm, rm_tok = hub.load(cfg.reward, device)
         check(rm.score is not None, f"--reward: {cfg.reward}: not a reward model (no score head)")
         check(rm_tok.vocab_size == tok.vocab_size and rm_tok.encode("Hello, world!") == tok.encode("Hello, world!"),
               f"--reward: {cfg.reward}: its tokenizer differs from the policy's")
         rm.eval().requires_grad_(False)
     if cfg.estimator == "gae":  # zero-init (lm-human-preferences), or the RM's head (the RM is usually SFT-based too)
         value_head = torch.nn.Linear(model.cfg.hidden_size, 1, device=device)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-        if cfg.value_from_rm:
-            check(rm.cfg.hidden_size == model.cfg.hidden_size, "--value-from-rm: the RM and the policy differ in width")
-            value_head.weight.data.copy_(rm.score.weight)
+        w = rm.score.weight if cfg.value_from_rm else torch.zeros_like(value_head.weight)
+        check(w.shape == value_head.weight.shape, "--value-from-rm: the RM and the policy differ in width")
+        value_head.load_state_dict({"weight": w, "bias": torch.zeros_like(value_head.bias)})
     return model, tok, ref_model, rm, value_head
-
-
-def tokenize_inputs(tok, rows: list[dict], ptx: list[dict], cfg: Config) -> tuple[list, list]:
-    """-> ([(prompt ids ending in `<|im_start|>assistant\\n`, row)], [(ids, loss mask)] of the demonstrations).
-    Prompts over --max-len are dropped and counted."""
-    items = [(ids, r) for r in rows if len(ids := tok.render_prompt(r["prompt"])) <= cfg.max_len]
-    check(bool(items), f"{cfg.prompts}: no usable prompts (all {len(rows)} are longer than --max-len {cfg.max_len})")
-    if len(items) < len(rows):
-        print(f"{cfg.prompts}: dropped {len(rows) - len(items)} prompts longer than --max-len {cfg.max_len}")
-    return items, tokenize_sft(tok, ptx, cfg.max_len + cfg.max_new_tokens, path=cfg.ptx_data) if ptx else []
 
 
 def main(cfg: Config) -> dict:
     # 0. setup: flags and inputs first (one-line errors), then the policy, its reference, the reward, the value head
     device, rank, world = loop.setup(cfg.seed, cfg.device)
-    k, share = check_flags(cfg, world)  # samples per prompt, responses per forward row
-    rows, ptx, has_gold = read_inputs(cfg)
-    loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)  # every rank checks --out; rank 0 records the run below
+    k, share, rows, ptx, has_gold = check_inputs(cfg, world)  # k samples per prompt, share responses per forward row
     model, tok, ref_model, rm, value_head = load_models(cfg, device)
-    items, ptx = tokenize_inputs(tok, rows, ptx, cfg)
+    items = [(ids, r) for r in rows if len(ids := tok.render_prompt(r["prompt"])) <= cfg.max_len]  # (prompt ids, row)
+    check(bool(items), f"{cfg.prompts}: no usable prompts (all {len(rows)} are longer than --max-len {cfg.max_len})")
+    if len(items) < len(rows):
+        print(f"{cfg.prompts}: dropped {len(rows) - len(items)} prompts longer than --max-len {cfg.max_len}")
+    ptx = tokenize_sft(tok, ptx, cfg.max_len + cfg.max_new_tokens, path=cfg.ptx_data) if ptx else []  # (ids, mask)
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     opt, kl_ctl = loop.make_optimizer(params, cfg.lr), rl.KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    start, skipped, reward_norm = restore(loop.start_or_resume(cfg, model, opt, rank), kl_ctl, value_head)
+    st = loop.start_or_resume(cfg, model, opt, rank)  # with --resume, what save_state wrote below
+    start, skipped, reward_norm = st["step"], st["extra"].get("skipped", 0), st["extra"].get("reward_norm")
+    kl_ctl.value = st["extra"].get("beta", kl_ctl.value)
+    if st["extra"].get("value_head"):
+        value_head.load_state_dict(st["extra"]["value_head"])
     logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start, show=SHOW)
     B, n, M = cfg.rollout_batch // world * k, cfg.rollout_batch * k, cfg.minibatch_size  # this rank's, all, per step
     parts, first, stats = torch.arange(B).split(max(M // world // share, 1) * share), None, {}  # no-grad forwards
     for step in range(start, cfg.max_steps):
         # 1. rollout: pure sampling at T (top-k/top-p would bias the KL estimate, TRL #235) with uniforms drawn for the
-        #    GLOBAL batch, sharded like the prompts: a response does not depend on the rank that samples it. --bf16
-        #    samples from a bf16 copy (faster to decode); ro.logprobs are log π_sampler of the tokens it drew
+        #    GLOBAL batch, sharded like the prompts: a response does not depend on the rank that samples it
         t0 = time.time()
         loop.progress(rank, f"step {step + 1}/{cfg.max_steps}: sampling {B} responses")
         idx = loop.shard(loop.batch_indices(step, cfg.rollout_batch, len(items), cfg.seed), rank, world)
@@ -263,17 +232,16 @@ def main(cfg: Config) -> dict:
         #    the first rollout (Ziegler et al. 2019, §2.2); a response cut off before EOS gets the missing-EOS penalty
         gold = torch.tensor([gold_score(tok.decode(r), row) for r, (_, row) in zip(ro.responses(), batch)],
                             device=device) if has_gold else None
-        score = rm_score(rm, x, ~eos, tok.eos_id, share) if rm is not None else gold
+        score = packing.response_rewards(rm, x.seq, x.attn, x.mask, x.P, ~eos, tok.eos_id, share) if rm else gold
         if cfg.normalize_reward:
             reward_norm = reward_norm or loop.global_mean_std(score)  # (mean, std), fixed for the run
             score = (score - reward_norm[0]) / reward_norm[1]
         scores = score + cfg.missing_eos_penalty * (~eos).float()  # (B,)
         t2 = time.time()
 
-        # 3. log-probs of π_old (and V_old) and π_ref: fresh forward passes at the sampling temperature; --tis-cap C
-        #    weights each token's policy term by min(π_old/π_sampler, C)
+        # 3. log-probs of π_old (and V_old) and π_ref: fresh forward passes at the sampling temperature
         old_logprobs, old_values = forward_in_chunks(model, value_head, x, parts, cfg, share)  # (B, N) each
-        with disable_adapter(model):  # with LoRA the reference is the policy minus its adapter
+        with lora.disable_adapter(model):  # with LoRA the reference is the policy minus its adapter
             ref_logprobs, _ = forward_in_chunks(ref_model or model, None, x, parts, cfg, share)
         is_weights = (old_logprobs - sampler_lp).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap else mask.float()
 
@@ -318,10 +286,10 @@ def main(cfg: Config) -> dict:
                 minibatch_stats.append({key: float(v.detach() if torch.is_tensor(v) else v) for key, v in m.items()})
 
         # 7. log: means over every rank's responses and tokens, as one process would log them
+        mismatch = (sampler_lp - old_logprobs).abs() if cfg.bf16 else None  # |log π_sampler − log π_old| per token
         stats = loop.global_means(minibatch_stats, n, device, score=score, kl=kl.sum(1), resp_len=mask.sum(1),
-                                  eos_rate=eos, gold=gold,  # and with --bf16, |log π_sampler − log π_old| per token:
-                                  sampler_mismatch=None if sampler_lp is None else (sampler_lp - old_logprobs).abs())
-        if sampler_lp is not None:  # summed over each response above: a mean per sampled token
+                                  eos_rate=eos, gold=gold, sampler_mismatch=mismatch)  # summed over each response
+        if cfg.bf16:  # a mean per sampled token
             stats["sampler_mismatch"] /= stats["resp_len"]
         if value_head is not None:  # over every rank's tokens
             stats["explained_var"] = float(rl.explained_variance(old_values, returns, mask, loop.all_reduce_sum))
@@ -338,8 +306,7 @@ def main(cfg: Config) -> dict:
     # the merged policy (+ adapter/ with LoRA), the value head beside it (the policy stays a plain LM), metrics.json
     result = {**stats, "first_score": first and first["score"], "reward_norm": reward_norm, "steps": cfg.max_steps,
               "prompts": len(items)}
-    loop.save_module(value_head, os.path.join(cfg.out, "value_head.safetensors"), rank)
-    loop.finish(cfg.out, model, tok, result, rank, lora=cfg.lora_rank > 0)
+    loop.finish(cfg.out, model, tok, result, rank, lora=cfg.lora_rank > 0, heads={"value_head": value_head})
     return result
 
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import save_model
 
 from . import checkpoint
 from .cli import check, run
@@ -64,8 +64,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:  # summed over ranks (itsel
     return x
 
 
-def all_reduce_dict(sums: dict, device) -> dict:
-    """{name: number} summed over ranks -> {name: float}: metrics travel by name, never in positional slots."""
+def all_reduce_dict(sums: dict, device) -> dict:  # {name: number} summed over ranks: metrics travel by name
     total = all_reduce_sum(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device))
     return dict(zip(sums, total.tolist()))
 
@@ -77,8 +76,7 @@ def prepare_model(init: str, device: str, lora_rank: int = 0, lora_alpha: float 
     check(0 <= lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {lora_dropout}")
     check(not nf4 or lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a frozen 4-bit base)")
     model, tok = load(init, device)
-    n = model.cfg.max_position_embeddings
-    check(max_len <= n, f"--max-len {max_len} exceeds the model's {n} positions")
+    check(max_len <= (n := model.cfg.max_position_embeddings), f"--max-len {max_len} exceeds the model's {n} positions")
     if score_head and model.score is None:
         model.add_score_head(seed=seed)
     if nf4:
@@ -96,8 +94,7 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, eps=1e-8)
 
 
-def lr_at(step: int, max_steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of lr (step counts from 0)."""
+def lr_at(step: int, max_steps: int, lr: float, warmup: int) -> float:  # step from 0: linear warmup, cosine to lr/10
     if step < warmup:
         return lr * (step + 1) / warmup
     frac = min((step - warmup) / max(1, max_steps - warmup), 1.0)
@@ -162,11 +159,9 @@ def start_or_resume(cfg, model, opt, rank: int = 0) -> dict:
                   f"not --lr {cfg.lr:g}", file=sys.stderr)
     if not cfg.resume:
         return {"step": 0, "extra": {}}
-    st, params = checkpoint.load_train_state(cfg.out), dict(model.named_parameters())
-    for n, w in st["weights"].items():
-        check(n in params, f"{cfg.out}/train_state.pt: parameter {n} does not exist in this model")
-        with torch.no_grad():
-            params[n].copy_(w)
+    st = checkpoint.load_train_state(cfg.out)
+    unknown = model.load_state_dict(st["weights"], strict=False).unexpected_keys  # it holds the trainable ones only
+    check(not unknown, f"{cfg.out}/train_state.pt: parameters {unknown} do not exist in this model")
     opt.load_state_dict(st["optimizer"])
     checkpoint.set_rng_state(st["rng"])
     return st
@@ -182,14 +177,17 @@ def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank:
     barrier()
 
 
-def finish(out: str, model, tok, metrics: dict, rank: int = 0, lora: bool = False):
-    """Save the final checkpoint: adapters merged (so transformers loads it), plus the adapter alone (PEFT)."""
+def finish(out: str, model, tok, metrics: dict, rank: int = 0, lora: bool = False, heads: dict | None = None):
+    """The final checkpoint, adapters merged (so transformers loads it), the adapter alone (PEFT), and any heads."""
     barrier()
     if rank == 0:
         if lora:
             save_adapter(model, os.path.join(out, "adapter"))
             merge_lora(model)
         checkpoint.save_checkpoint(out, model, tok)
+        for name, head in (heads or {}).items():  # NAME.safetensors beside a plain causal LM (None: no such head)
+            if head is not None:
+                checkpoint.atomic_write(os.path.join(out, f"{name}.safetensors"), lambda tmp: save_model(head, tmp))
         checkpoint.write_json(os.path.join(out, "metrics.json"), metrics)
     barrier()
     if dist.is_initialized():
@@ -210,19 +208,16 @@ def main_guard(main, cls):
     sys.exit(1)
 
 
-def seeded(*key) -> torch.Generator:
-    """A generator seeded by key, e.g. (seed, step): the run's randomness is a pure function of the step."""
+def seeded(*key) -> torch.Generator:  # e.g. (seed, step): the run's randomness is a pure function of the step
     return torch.Generator().manual_seed(hash(key) % 2**62)
 
 
-def progress(rank: int, text: str):
-    """A status line, rewritten in place on a terminal (rank 0); the next log line covers it."""
+def progress(rank: int, text: str):  # a status line, rewritten in place on a terminal; the next log line covers it
     if rank == 0 and sys.stdout.isatty():
         print(f"\r\033[K{text}\r", end="", flush=True)
 
 
-def global_mean_std(x) -> tuple[float, float]:
-    """(mean, std) of x (B,) over every rank's entries; std 1 when they are all equal (then only a shift)."""
+def global_mean_std(x) -> tuple[float, float]:  # of x (B,) over every rank's entries; std 1 when all are equal
     m = all_reduce_sum(torch.stack([x.sum(), x.square().sum(), torch.tensor(float(len(x)), device=x.device)]).double())
     mean, var = float(m[0] / m[2]), float(m[1] / m[2] - (m[0] / m[2]) ** 2)
     return mean, math.sqrt(var) if var > 1e-12 else 1.0
@@ -236,9 +231,3 @@ def global_means(minibatches: list[dict], n: int, device, **per_item) -> dict:
     shares.update({key: float(v.double().sum()) / n for key, v in per_item.items() if v is not None})
     return {**all_reduce_dict(dict(sorted(shares.items())), device), **whole}
 
-
-def save_module(module, path: str, rank: int = 0):
-    """A module's weights (if any) as safetensors at path (rank 0), e.g. a head beside a plain causal-LM checkpoint."""
-    if rank == 0 and module is not None:
-        tensors = {name: p.detach().cpu().contiguous() for name, p in module.state_dict().items()}
-        checkpoint.atomic_write(path, lambda tmp: save_file(tensors, tmp))

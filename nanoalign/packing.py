@@ -75,8 +75,7 @@ def collate_shared(examples: list[dict], pad_id: int, max_len: int, multiple_of:
     return batch
 
 
-def per_response(batch, x):
-    """(rows, T) values of a pair batch, collate_shared's or prefs.collate_pairs' -> (chosen, rejected) sums (B,)."""
+def per_response(batch, x):  # (rows, T) values of a pair batch, either layout -> (chosen, rejected) sums, each (B,)
     if "branch_ids" not in batch:
         return x.sum(-1).chunk(2)
     return tuple((x * (batch["branch_ids"] == k)).sum(-1) for k in (1, 2))
@@ -93,13 +92,11 @@ def pair_logprobs(model, batch, compiled: bool = False):
     return per_response(batch, logp.new_zeros(ids.shape).masked_scatter(keep, logp))
 
 
-def pair_lengths(batch):
-    """(chosen, rejected) response token counts, each (B,) float: for per-token averages of log-probs."""
+def pair_lengths(batch):  # (chosen, rejected) response token counts, each (B,) float, for per-token averages
     return tuple(n.clamp(min=1) for n in per_response(batch, batch["response_mask"].float()))
 
 
-def pair_rewards(rm, batch):
-    """(chosen, rejected) reward-model scores, each (B,) fp32, read at each response's last token, either layout."""
+def pair_rewards(rm, batch):  # (chosen, rejected) RM scores, each (B,) fp32, at each response's last token
     ids, attn = batch["input_ids"], batch["attention_mask"]
     if "last_index" not in batch:
         return last_token_rewards(rm, ids, attn).chunk(2)
@@ -142,8 +139,11 @@ def response_hidden(model, seq, attn, mask, P: int, k: int = 1):
     return model(seq, attn, return_hidden=True)[:, P - 1:-1]
 
 
-def response_rewards(rm, seq, attn, mask, P: int, k: int = 1):
-    """PPO's rollout rows -> the reward model's scores (B,) fp32 at each response's last real token (k: as above)."""
+def response_rewards(rm, seq, attn, mask, P: int, cut, eos_id: int, k: int = 1):
+    """PPO's rollout rows -> the RM's scores (B,) fp32 at each response's last real token (k: as above). An RM only saw
+    finished answers, so a row cut off before EOS (cut (B,) bool) is scored closed, by an EOS in a new last column."""
+    col = cut.to(attn.dtype)[:, None]  # the new column: EOS on a cut row, a masked pad (0) on the others
+    seq, attn, mask = torch.cat([seq, col * eos_id], 1), torch.cat([attn, col], 1), torch.cat([mask, col], 1)
     if k == 1:
         return last_token_rewards(rm, seq, attn)
     s = share_prompts(seq, attn, mask, P, k)

@@ -20,7 +20,7 @@ from nanoalign.cli import UserError, parse_cli  # noqa: E402
 from nanoalign.data import collate_sft, read_sft, tokenize_sft  # noqa: E402
 from nanoalign.logprobs import token_logprobs  # noqa: E402
 from nanoalign.losses import sft_loss  # noqa: E402
-from nanoalign.packing import share_prompts  # noqa: E402
+from nanoalign.packing import response_rewards, share_prompts  # noqa: E402
 
 TIMING = ("elapsed_s", "generate_s", "score_s", "train_s", "tokens_per_s")
 Samples = train_ppo.Samples
@@ -135,18 +135,19 @@ def test_reward_model_score_is_read_at_the_last_real_token(tiny):
     rm, _ = hub.load("tiny")
     rm.add_score_head()
     P, no = 2, torch.tensor([False])
-    alone = train_ppo.rm_score(rm, Samples(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long),
-                                           torch.ones(1, 1, dtype=torch.long), P), no, eos_id=2)
-    padded = train_ppo.rm_score(rm, Samples(torch.tensor([[2, 5, 6, 7, 2]]), torch.tensor([[0, 1, 1, 1, 0]]),
-                                            torch.tensor([[1, 1, 0]]), P + 1), no, eos_id=2)
+    alone = response_rewards(rm, torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long),
+                             torch.ones(1, 1, dtype=torch.long), P, no, eos_id=2)
+    padded = response_rewards(rm, torch.tensor([[2, 5, 6, 7, 2]]), torch.tensor([[0, 1, 1, 1, 0]]),
+                              torch.tensor([[1, 1, 0]]), P + 1, no, eos_id=2)
     torch.testing.assert_close(padded, alone)  # left and right padding change nothing
+    torch.testing.assert_close(alone, rm.score(rm(torch.tensor([[5, 6, 7]]), return_hidden=True)[:, -1]).squeeze(-1))
 
 
 def test_a_response_cut_off_before_eos_is_scored_closed_with_eos(tiny):
     rm, _ = hub.load("tiny")
     rm.add_score_head()
     seq, ones = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 2]]), torch.ones(2, 4, dtype=torch.long)  # row 0 hit the cap
-    got = train_ppo.rm_score(rm, Samples(seq, ones, ones[:, 2:], 2), torch.tensor([True, False]), eos_id=2)
+    got = response_rewards(rm, seq, ones, ones[:, 2:], 2, torch.tensor([True, False]), eos_id=2)
     closed = rm.score(rm(torch.tensor([[5, 6, 7, 8, 2]]), return_hidden=True)[:, -1]).squeeze(-1)
     finished = rm.score(rm(seq[1:], return_hidden=True)[:, -1]).squeeze(-1)
     torch.testing.assert_close(got, torch.cat([closed, finished]))
@@ -159,10 +160,11 @@ def test_shared_prompt_rows_give_the_unshared_rm_scores(tiny):
     P = 3  # two prompts (one left-padded) x 2 responses; rows 0 and 3 hit the cap of 3 tokens, rows 1 and 2 ended
     seq = torch.tensor([[5, 6, 7, 9, 10, 11], [5, 6, 7, 8, 2, 0], [0, 4, 5, 2, 0, 0], [0, 4, 5, 12, 13, 14]])
     attn = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
-    x, cut = Samples(seq, attn, attn[:, P:], P), torch.tensor([True, False, False, True])
-    plain = train_ppo.rm_score(rm, x, cut, 2)
-    torch.testing.assert_close(train_ppo.rm_score(rm, x, cut, 2, k=2), plain, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(plain, train_ppo.rm_score(rm, x, torch.zeros(4, dtype=torch.bool), 2))  # EOS is read
+    cut, mask = torch.tensor([True, False, False, True]), attn[:, P:]
+    plain = response_rewards(rm, seq, attn, mask, P, cut, 2)
+    torch.testing.assert_close(response_rewards(rm, seq, attn, mask, P, cut, 2, k=2), plain, atol=1e-5, rtol=1e-4)
+    unclosed = response_rewards(rm, seq, attn, mask, P, torch.zeros(4, dtype=torch.bool), 2)
+    assert not torch.allclose(plain, unclosed)  # the closing EOS is read
 
 
 def test_missing_eos_penalty_hits_only_the_cut_responses(tmp_path, monkeypatch):
@@ -299,6 +301,17 @@ def test_resume_is_exact(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_resume_refuses_a_train_state_with_weights_this_model_lacks(tmp_path):
+    flags = ["--rollout-batch", "4", "--ppo-epochs", "1", "--lora-rank", "4", "--save-every", "1"]
+    ppo(tmp_path, "run", *flags, "--max-steps", "1")
+    path = tmp_path / "run" / "train_state.pt"
+    st = torch.load(path, weights_only=True)
+    st["weights"]["model.layers.7.mlp.up_proj.lora_A"] = torch.zeros(4, 64)  # the tiny model has 2 layers
+    torch.save(st, path)
+    with pytest.raises(UserError, match=r"\['model.layers.7.mlp.up_proj.lora_A'\] do not exist in this model"):
+        ppo(tmp_path, "run", *flags, "--max-steps", "2", "--resume")
+
+
 def test_reward_model_run_logs_proxy_and_gold(tmp_path):
     rm, tok = hub.load("tiny", seed=1)
     rm.add_score_head()
@@ -307,6 +320,21 @@ def test_reward_model_run_logs_proxy_and_gold(tmp_path):
                  "--max-steps", "2")
     assert all("score" in r and "gold" in r for r in log)  # the over-optimisation curve: proxy and gold
     assert log[0]["score"] != log[0]["gold"]
+
+
+def test_value_head_starts_at_zero_or_from_the_rm_head_of_the_same_width(tmp_path):
+    for preset in ("tiny", "small"):  # the same byte-level tokenizer, widths 64 and 192
+        rm, tok = hub.load(preset, seed=1)
+        rm.add_score_head(std=1.0)
+        save_checkpoint(str(tmp_path / preset), rm, tok)
+    cfg = lambda *flags: parse_cli(train_ppo.Config, ["--init", "tiny", "--device", "cpu", *flags])  # noqa: E731
+    value_head = train_ppo.load_models(cfg("--reward", str(tmp_path / "tiny"), "--value-from-rm"), "cpu")[4]
+    rm, _ = load_checkpoint(str(tmp_path / "tiny"))
+    assert torch.equal(value_head.weight, rm.score.weight) and value_head.bias.item() == 0
+    value_head = train_ppo.load_models(cfg(), "cpu")[4]
+    assert not value_head.weight.any() and not value_head.bias.any()
+    with pytest.raises(UserError, match="the RM and the policy differ in width"):
+        train_ppo.load_models(cfg("--reward", str(tmp_path / "small"), "--value-from-rm"), "cpu")
 
 
 def test_normalize_reward_fixes_a_gain_and_bias_on_the_first_rollout(tmp_path):
@@ -365,7 +393,8 @@ def test_bad_flags_are_user_errors(tmp_path):
            (["--estimator", "grpo", "--whiten-rewards"], "--whiten-rewards"),
            (["--estimator", "rloo", "--minibatch-size", "6"], "multiple of --samples-per-prompt 4"),
            (["--ptx-coef", "1"], "--ptx-data and --ptx-coef"), (["--ptx-batch", "0"], "--ptx-batch"),
-           (["--normalize-reward"], "--normalize-reward"), (["--tis-cap", "2"], "--tis-cap"),
+           (["--normalize-reward"], "--normalize-reward"), (["--value-from-rm"], "--value-from-rm"),
+           (["--tis-cap", "2"], "--tis-cap"),
            (["--tis-cap", "-1", "--bf16"], "--tis-cap"),
            (["--prompts", write_prompts(tmp_path / "plain.jsonl", constraints=False)], "constraints")]
     for flags, needle in bad:
