@@ -25,18 +25,19 @@ def logprobs_naive(hidden, weight, labels, temperature: float = 1.0):
         return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-# The eager kernels work IN PLACE on the (n, V) logits, so one buffer per pass serves every chunk: no temporaries.
-def _logsumexp_(logits):  # -> (n,); logits (n, V) is left holding exp(logits − max)
-    m = logits.amax(dim=-1)  # subtract the row max so exp never overflows
-    return logits.sub_(m[:, None]).exp_().sum(dim=-1).log_().add_(m)
+def _log_softmax_(logits):  # IN PLACE through ATen's fused row kernel: one read and one write of the (n, V) block,
+    return torch._log_softmax(logits, -1, False, out=logits)  # each row's max and sum taken while it is in cache
 
 
-def _logsumexp(logits):  # for compiled=True: inductor fuses the read-only form into one loop (dynamic shapes)
-    return torch.logsumexp(logits, dim=-1)
+def _log_softmax(logits):  # compiled=True: the same as an inductor loop (dynamic shapes: no recompile per length)
+    return logits.sub_(torch.logsumexp(logits, -1, keepdim=True))
 
 
-def _scaled_softmax_(logits, lse, g):  # g_t·softmax_t (n, V) from the logsumexp, written over logits
-    return logits.sub_(lse[:, None]).exp_().mul_(g[:, None])
+def _mm_t(a, b):  # a @ bᵀ. On CPU in fp32 via oneDNN (fast.py's linear kernel): for a few hundred tokens times the
+    # whole vocabulary its JIT GEMM keeps full speed, where torch.mm's BLAS call does not. Elsewhere plain torch.mm.
+    if a.device.type == "cpu" and a.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.T
 
 
 def _chunks(n: int, chunk: int):  # near-equal chunks of at most `chunk` tokens (a size-1 tail would recompile)
@@ -49,49 +50,46 @@ class ChunkedLogprobs(torch.autograd.Function):
     """logp (N,) of labels (N,) under softmax(hidden (N, C) · weight (V, C)ᵀ), one token chunk at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int, kernels, precompute_grad_h: bool):
+    def forward(ctx, hidden, weight, labels, chunk: int, log_softmax_, precompute_grad_h: bool):
         hidden, weight = hidden.detach(), weight.detach()  # same requires_grad flags every call: no recompiles
-        (lse_fn, softmax_fn), w_y = kernels, weight[labels]  # w_y (N, C): the label rows W[y_t]
-        lse, grad_h = hidden.new_empty(hidden.shape[0]), torch.empty_like(hidden) if precompute_grad_h else None
-        buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])  # the one (chunk, V) block
+        logp, grad_h = hidden.new_empty(hidden.shape[0]), torch.empty_like(hidden) if precompute_grad_h else None
         for s, e in _chunks(hidden.shape[0], chunk):
-            logits = torch.mm(hidden[s:e], weight.T, out=buf[: e - s])  # (n, V)
+            y = labels[s:e]
+            logits = log_softmax_(_mm_t(hidden[s:e], weight))  # (n, V), then log_softmax over it in place
+            logp[s:e] = logits.gather(1, y[:, None])[:, 0]  # read off directly: exact even where p_t underflows
             if precompute_grad_h:  # frozen W: ∂logp_t/∂h_t = W[y_t] − softmax_t·W is known now
-                lse[s:e] = torch.logsumexp(logits, dim=-1)
-                grad_h[s:e] = w_y[s:e] - softmax_fn(logits, lse[s:e], hidden.new_ones(e - s)) @ weight
-            else:
-                lse[s:e] = lse_fn(logits)
-        ctx.save_for_backward(*((grad_h,) if precompute_grad_h else (hidden, weight, labels, lse)))
-        ctx.chunk, ctx.softmax_fn, ctx.precomputed = chunk, softmax_fn, precompute_grad_h
-        return (hidden * w_y).sum(-1) - lse  # h_t·W[y_t] − logsumexp(h_t·Wᵀ)
+                grad_h[s:e] = weight[y] - _mm_t(logits.exp_(), weight.T)
+            del logits  # free this (n, V) block before the next chunk allocates its own
+        ctx.save_for_backward(*((grad_h,) if precompute_grad_h else (hidden, weight, labels)))
+        ctx.chunk, ctx.log_softmax_, ctx.precomputed = chunk, log_softmax_, precompute_grad_h
+        return logp
 
     @staticmethod
     def backward(ctx, g):  # g (N,): upstream gradient of each token's log-prob
         if ctx.precomputed:
             return g[:, None] * ctx.saved_tensors[0], None, None, None, None, None
-        hidden, weight, labels, lse = ctx.saved_tensors  # W trains here (else precomputed), and h does in practice
+        hidden, weight, labels = ctx.saved_tensors  # W trains here (else precomputed), and h does in practice
         grad_h, grad_w = torch.empty_like(hidden), torch.zeros_like(weight)
-        buf = hidden.new_empty(min(ctx.chunk, hidden.shape[0]), weight.shape[0])
         with torch.autocast(hidden.device.type, enabled=False):
             for s, e in _chunks(hidden.shape[0], ctx.chunk):
-                h, y, gs = hidden[s:e], labels[s:e], g[s:e].contiguous()
-                logits = torch.mm(h, weight.T, out=buf[: e - s])  # recompute (n, V) instead of storing it
-                gp = ctx.softmax_fn(logits, lse[s:e], gs)  # (n, V) = g_t·softmax_t
-                grad_h[s:e] = gs[:, None] * weight[y] - gp @ weight  # g_t·(W[y_t] − softmax_t·W)
-                grad_w.addmm_(gp.T, h, alpha=-1.0)  # − Σ_t g_t·softmax_tᵀ h_t, accumulated in place
-                grad_w.index_add_(0, y, gs[:, None] * h)  # + Σ_t g_t·onehot(y_t)ᵀ h_t
+                y, gh = labels[s:e], g[s:e, None] * hidden[s:e]  # gh (n, C) = g_t·h_t: scale h, not the (n, V) block
+                p = ctx.log_softmax_(_mm_t(hidden[s:e], weight)).exp_()  # recompute softmax_t (n, V), not stored
+                grad_h[s:e] = g[s:e, None] * (weight[y] - _mm_t(p, weight.T))  # g_t·(W[y_t] − softmax_t·W)
+                grad_w.addmm_(p.T, gh, alpha=-1.0).index_add_(0, y, gh)  # Σ_t (onehot(y_t) − softmax_t)ᵀ g_t·h_t
+                del p
         return grad_h, grad_w, None, None, None, None
 
 
 def logprobs_chunked(hidden, weight, labels, temperature: float = 1.0, chunk: int = 128, compiled: bool = False):
     """hidden (..., C), weight (V, C), labels (...) -> log p(labels) (...) in fp32 (fp64 for fp64 inputs). Equal to
     `logprobs_naive`, but the extra memory is one (chunk, V) block: 25 MB at 128 × 49,152 in fp32."""
-    fns = [fast.compiled(f) for f in (_logsumexp, _scaled_softmax_)] if compiled else (_logsumexp_, _scaled_softmax_)
     with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.reshape(-1, hidden.shape[-1]).to(torch.promote_types(hidden.dtype, torch.float32))
         # logits/T = (h/T)·Wᵀ: scaling the (N, C) hidden is cheaper than the (N, V) logits, and autograd carries 1/T
-        h = hidden.reshape(-1, hidden.shape[-1]).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+        h = h / temperature if temperature != 1 else h
         precompute = torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad
-        logp = ChunkedLogprobs.apply(h, weight.to(h.dtype), labels.reshape(-1), chunk, fns, precompute)
+        log_softmax_ = fast.compiled(_log_softmax) if compiled else _log_softmax_
+        logp = ChunkedLogprobs.apply(h, weight.to(h.dtype), labels.reshape(-1), chunk, log_softmax_, precompute)
     return logp.view(labels.shape)
 
 

@@ -57,6 +57,16 @@ def test_logprobs_are_normalised_and_temperature_divides_logits():
         assert torch.allclose(lp, expect, atol=1e-5)
 
 
+def test_far_tail_log_prob_is_exact():
+    # logits (0, -200): p(y=1) = e^-200 is below fp32's range, so log(softmax) would give -inf; the log-prob is read off
+    # the log-softmax instead, -200 − log(1 + e^-200) = -200, and its h-gradient W[1] − softmax·W is -200 too
+    hidden, weight = torch.ones(1, 1, requires_grad=True), torch.tensor([[0.0], [-200.0]])
+    for w in (weight, weight.clone().requires_grad_()):  # the frozen-W path and the trainable-W path
+        lp = logprobs_chunked(hidden, w, torch.tensor([1]))
+        (grad_h,) = torch.autograd.grad(lp.sum(), hidden)
+        assert lp.item() == -200.0 and grad_h.item() == -200.0
+
+
 def test_fp32_under_bf16_autocast():
     # log-probs stay fp32 under bf16 autocast, and the matmul is not silently done in bf16
     hidden, weight, labels, _ = _inputs(C=64, V=300)
@@ -82,7 +92,7 @@ def test_compiled_equals_eager_and_recompiles_are_bounded():
     for a, b in zip(comp, eager):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
     first = stats["unique_graphs"] - before
-    assert first == 2  # exactly two graphs: the forward logsumexp kernel and the backward softmax kernel
+    assert first == 1  # exactly one graph: the in-place log_softmax kernel, which the backward reuses
     for T in (5, 17, 29, 50, 77, 130):  # B·T from 15 to 390 tokens: chunk lengths all over the place
         h, w, y, u = _inputs(B=3, T=T, C=48, V=97, seed=T)
         _value_and_grads(logprobs_chunked, h, w, y, u, chunk=64, compiled=True)
