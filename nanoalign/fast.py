@@ -12,10 +12,9 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .lora import merge_lora
-from .model import MLP, Attention, RMSNorm, apply_rope, rms_norm, swiglu
+from .model import MLP, Attention, RMSNorm, rms_norm, swiglu
 from .nf4 import NF4Linear, dequantize_blocks
 
 _COMPILED = {}  # (fn, decode) -> fn torch.compile'd: one per process, shared by every layer and call
@@ -79,22 +78,11 @@ class PackedLinear(nn.Module):
 
 
 class FusedQKVAttention(Attention):
-    """Attention.forward, line for line, but with q, k and v from one matmul over their stacked weights."""
+    """Attention with q, k and v from one matmul over their stacked weights."""
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
-        if self.kv_cache is not None and cache_pos is not None:
-            k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))
-        rep = H // Hkv  # grouped-query attention, the kv heads' query heads folded into the query length
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, D), k, v,
-                                           attn_mask=mask if T == 1 else mask.repeat(1, 1, rep, 1))
-        return self.o_proj(y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+    def qkv(self, x):  # the widths of q, k and v: H·D, Hkv·D, Hkv·D
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        return self.qkv_proj(x).split([q, kv, kv], dim=-1)
 
 
 @torch.no_grad()

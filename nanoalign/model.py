@@ -110,13 +110,6 @@ def rope_frequencies(cfg: ModelConfig):
     return inv_freq
 
 
-def rope_cos_sin(position_ids, inv_freq):
-    """cos/sin tables for positions (B, T) -> each (B, T, head_dim), the HF 'rotate_half' layout."""
-    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
 def apply_rope(x, cos, sin):  # x: (B, H, T, D); cos/sin: (B, 1, T, D)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
@@ -154,14 +147,17 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = (RMSNorm(D, cfg.rms_norm_eps) if cfg.model_type == "qwen3" else None for _ in "qk")
         self.kv_cache: KVCache | None = None
 
+    def qkv(self, x):  # (B, T, C) -> q, k, v; nanoalign.fast's sampling copy swaps in one matmul for the three
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask, cache_pos=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q, k = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, Hkv, D)
+        q, k, v = self.qkv(x)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (B, H or Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        q, k, v = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = (t.to(q.dtype) for t in self.kv_cache.update(cache_pos, k, v))  # (B, Hkv, S, D): the whole buffer
         # grouped-query attention: each kv head serves rep = n_heads / n_kv query heads. Fold those heads into the
@@ -262,7 +258,10 @@ class Transformer(nn.Module):
             if cache_pos is not None:  # the positions of the cache slots being written
                 position_ids = position_ids.gather(1, cache_pos[None].expand(B, -1))
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = (c[:, None].to(x.dtype) for c in rope_cos_sin(position_ids, rope_frequencies(self.cfg)))
+        inv_freq = rope_frequencies(self.cfg).to(position_ids.device)  # (D/2,)
+        freqs = position_ids.float()[:, None, :, None] * inv_freq  # (B, 1, T, D/2): RoPE's angles
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D), the HF 'rotate_half' layout of apply_rope
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = attention_mask if attention_mask.dim() == 4 else build_mask(attention_mask, T, attention_mask.shape[1],
                                                                            cache_pos)
         if self.cfg.sliding_window:  # Mistral: only keys less than sliding_window positions back (by position, so

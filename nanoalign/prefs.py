@@ -52,9 +52,6 @@ def tokenize_prefs(tok, rows: list[dict], max_len: int, path: str = "data", verb
     return kept
 
 
-tokenize_unpaired = tokenize_prefs  # KTO's rows take the same path
-
-
 def collate_responses(seqs: list[tuple], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
     """[(prompt_ids, response_ids, response_mask)] -> right-padded input_ids, attention_mask (1 = real token) and
     response_mask (1 = response token in the loss), each (N, T); T rounded up to multiple_of. A row longer than

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nanoalign.cli import UserError
 from nanoalign.data import ROLES, check_messages, read_prefs, read_prompts, read_sft, read_unpaired, tokenize_sft
-from nanoalign.prefs import tokenize_prefs, tokenize_unpaired
+from nanoalign.prefs import tokenize_prefs
 from nanoalign.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -178,7 +178,7 @@ def test_read_unpaired_returns_labelled_rows_or_a_file_line_error(data):
         assert_messages(r["prompt"])
         assert_messages(r["completion"], need_assistant=True)
     if out:
-        assert len(tokenize_unpaired(TOK, out, max_len=10**6, path=path, verbose=False)) == len(out)
+        assert len(tokenize_prefs(TOK, out, max_len=10**6, path=path, verbose=False)) == len(out)
 
 
 @FUZZ
