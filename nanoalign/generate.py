@@ -12,6 +12,7 @@ from .cli import check, check_ranges, run
 from .data import pad, read_prompts
 from .fast import compiled, sampling_copy
 from .hub import load
+from .model import KVCache
 from .tasks import write_jsonl
 
 
@@ -63,8 +64,9 @@ def forward_last(model, ids, mask, cache_pos):
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int | None = None,
              temperature=1.0, top_k=0, top_p=1.0, generator=None, compile=False, uniforms=None) -> Rollout:
-    """Sample up to max_new_tokens per prompt; each row stops at its own EOS. uniforms (B, max_new_tokens) in [0, 1):
-    row i's token t drawn from uniforms[i, t], not `generator`: independent of its batch mates (PPO: exact DDP)."""
+    """Sample up to max_new_tokens per prompt; each row stops at its own EOS, and finished rows leave the batch.
+    uniforms (B, max_new_tokens) in [0, 1): row i's token t drawn from uniforms[i, t], not `generator`: independent of
+    its batch mates (PPO: exact DDP)."""
     pad_id = eos_id if pad_id is None else pad_id
     device, was_training = next(model.parameters()).device, model.training
     ids = pad(prompts, pad_id, left=True).to(device)  # (B, P)
@@ -78,13 +80,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, 
         logprobs = torch.zeros(B, max_new_tokens, device=device)  # of each sampled token, as sample_next drew it
         # the prefill stays eager: its width varies from call to call, and each width would be a new compile
         logits = forward_last(model, ids, mask, torch.arange(P, device=device))
-        for t, u in enumerate([None] * max_new_tokens if uniforms is None else uniforms.unbind(1)):
-            nxt, logprobs[:, t] = sample_next(logits, temperature, top_k, top_p, generator, u)
-            out[:, t] = nxt = torch.where(done, pad_id, nxt)
+        rows, live_mask = torch.arange(B, device=device), mask  # the batch rows still being decoded, their masks
+        for t in range(max_new_tokens):
+            u = None if uniforms is None else uniforms[rows, t]
+            nxt, logprobs[rows, t] = sample_next(logits, temperature, top_k, top_p, generator, u)
+            out[rows, t] = nxt = torch.where(done, pad_id, nxt)
             done = done | (nxt == eos_id)
-            if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # sync with the host only every 8 steps
-                break
-            logits = step(model, nxt[:, None], mask, torch.tensor([P + t], device=device))
+            if t == max_new_tokens - 1 or (t % 8 == 7 and bool(done.all())):  # the host reads `done` only every
+                break  # 8 steps: each read waits for the device
+            if t % 8 == 7 and not compile and bool(done.any()):  # finished rows leave the batch, with their cache
+                keep = (~done).nonzero().squeeze(1)  # rows (compiled, the shapes stay fixed: one graph, no recompiles)
+                rows, done, nxt, live_mask = rows[keep], done[keep], nxt[keep], live_mask[keep]
+                for cache in (m for m in model.modules() if isinstance(m, KVCache)):
+                    cache.k, cache.v = cache.k[keep], cache.v[keep]
+            logits = step(model, nxt[:, None], live_mask, torch.tensor([P + t], device=device))
         model.clear_cache()
     model.train(was_training)
     eos = out == eos_id
