@@ -58,10 +58,13 @@ MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer"
 FORMAT_FAMILIES = {"case", "quotes", "bullets", "json"}  # the constraints that ask for a format
 
 
-def misfire(rng: random.Random, meta: dict, chosen: str) -> str | None:
-    """In a quarter of the calls, `chosen` in a format its prompt did not ask for (one judge.unrequested flags)."""
-    if rng.random() < 0.25:
-        for f in rng.sample(list(MISFIRES), len(MISFIRES)):
+def misfire(rng: random.Random, meta: dict, chosen: str, p: float = 0.4) -> str | None:
+    """With probability p, `chosen` in a format its prompt did not ask for (one judge.unrequested flags). Quotes take
+    half of these: the prompts quote the words and phrases they name (Include the word "calm"), so an opening quote
+    is the format a model slips into unasked, and the one a reward model most needs to see on the rejected side."""
+    if rng.random() < p:
+        order = rng.sample(list(MISFIRES), len(MISFIRES))
+        for f in ["quotes"] + order if rng.random() < 0.5 else order:
             if f in unrequested(text := MISFIRES[f](chosen), meta):
                 return text
     return None

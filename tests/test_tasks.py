@@ -256,7 +256,9 @@ def test_counterfactual_negatives_by_default(made):
     _, f = made
     prefs, asked = f["prefs"], lambda r: {x["type"] for x in r["constraints"]}
     misfires = [r for r in prefs if judge.unrequested(r["rejected"], r)]
-    assert 0.18 < len(misfires) / len(prefs) < 0.32
+    assert 0.33 < len(misfires) / len(prefs) < 0.47
+    quoted = [r for r in misfires if judge.unrequested(r["rejected"], r) == ["quotes"]]
+    assert 0.45 < len(quoted) / len(misfires) < 0.7  # half go to quotes first, and a uniform draw adds a fifth of the rest
     for r in misfires:  # the demonstration itself, in a format nobody asked for
         assert r["rejected"] in [rewrite(r["chosen"]) for rewrite in answers.MISFIRES.values()], r
     assert {fmt for r in misfires for fmt in judge.unrequested(r["rejected"], r)} == set(judge.FORMATS)
