@@ -43,7 +43,7 @@ DEMO      := out/demo
 SFT_STEPS := 20
 RM_STEPS  := 40
 DPO_STEPS := 40
-PPO_STEPS := 10
+PPO_STEPS := 9
 GOLD_STEPS := 4
 N_EVAL    := 100
 endif
