@@ -41,7 +41,7 @@ HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
 else
 DEMO      := out/demo
 SFT_STEPS := 20
-RM_STEPS  := 40
+RM_STEPS  := 60
 DPO_STEPS := 40
 PPO_STEPS := 9
 GOLD_STEPS := 4
@@ -55,9 +55,9 @@ demo: $(STAMP)
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
 		--lora-dropout 0 --lr 3e-4 --batch-size 8 --max-steps $(SFT_STEPS) --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
-		--lora-dropout 0 --lr 3e-4 --batch-size 4 --max-steps $(RM_STEPS) --warmup 2 --max-len 256 --log-every 4 $(HELDOUT)
+		--lora-dropout 0 --lr 1e-3 --batch-size 4 --max-steps $(RM_STEPS) --warmup 2 --max-len 256 --log-every 4 $(HELDOUT)
 	$(BIN)/python train_dpo.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/dpo $(LORA) \
-		--lr 3e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps $(DPO_STEPS) --warmup 2 --max-len 256 --log-every 5 \
+		--lr 6e-4 --beta 0.1 --rpo-alpha 1.0 --batch-size 4 --max-steps $(DPO_STEPS) --warmup 2 --max-len 256 --log-every 5 \
 		$(HELDOUT)
 	$(BIN)/python train_ppo.py --init $(DEMO)/sft --prompts $(DATA)/prompts.jsonl --reward $(DEMO)/rm \
 		--out $(DEMO)/ppo $(LORA) --lr 3e-4 --estimator rloo --rollout-batch 4 --samples-per-prompt 4 \
