@@ -59,12 +59,15 @@ FORMAT_FAMILIES = {"case", "quotes", "bullets", "json"}  # the constraints that 
 
 
 def misfire(rng: random.Random, meta: dict, chosen: str, p: float = 0.4) -> str | None:
-    """With probability p, `chosen` in a format its prompt did not ask for (one judge.unrequested flags). Quotes take
-    half of these: the prompts quote the words and phrases they name (Include the word "calm"), so an opening quote
-    is the format a model slips into unasked, and the one a reward model most needs to see on the rejected side."""
+    """With probability p, `chosen` in a format its prompt did not ask for (one judge.unrequested flags). Quotes go
+    first in half of these: the prompts quote the words and phrases they name (Include the word "calm"), so an opening
+    quote is the format a model slips into unasked. Capitals go first in 30% and lowercase in 10%: the `case`
+    demonstrations put both on the chosen side, where a reward model learns "capitals = asked for" unless it also
+    sees them rejected."""
     if rng.random() < p:
         order = rng.sample(list(MISFIRES), len(MISFIRES))
-        for f in ["quotes"] + order if rng.random() < 0.5 else order:
+        u = rng.random()
+        for f in (["quotes"] if u < 0.5 else ["capitals"] if u < 0.8 else ["lowercase"] if u < 0.9 else []) + order:
             if f in unrequested(text := MISFIRES[f](chosen), meta):
                 return text
     return None
