@@ -41,7 +41,7 @@ HELDOUT   := --eval-data $(DEMO)/data/eval_prefs.jsonl
 else
 DEMO      := out/demo
 SFT_STEPS := 20
-RM_STEPS  := 80
+RM_STEPS  := 60
 DPO_STEPS := 40
 PPO_STEPS := 9
 GOLD_STEPS := 4
