@@ -51,7 +51,7 @@ DATA    := $(DEMO)/data
 LORA    := --lora-rank 16 --lora-alpha 32 --bf16 --seed $(SEED)
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100 --longer-negatives
+	$(BIN)/python -m nanoalign.tasks make --out $(DATA) --seed 0 --n-eval 100
 	$(BIN)/python train_sft.py --init smollm2-135m-instruct --data $(DATA)/sft.jsonl --out $(DEMO)/sft $(LORA) \
 		--lora-dropout 0 --lr 3e-4 --batch-size 8 --max-steps $(SFT_STEPS) --warmup 2 --max-len 256 --log-every 4
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DATA)/prefs.jsonl --out $(DEMO)/rm $(LORA) \
