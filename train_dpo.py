@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nanoalign import fast, loop
+from nanoalign import loop
 from nanoalign.cli import Logger, check, check_ranges
 from nanoalign.data import read_prefs
 from nanoalign.logprobs import sequence_logprobs
@@ -40,12 +40,9 @@ REFERENCE_FREE = ("simpo", "orpo")  # losses that need no π_ref
 
 
 @dataclass
-class Config:
+class Config(loop.DatasetConfig):
     """DPO-family preference tuning: the policy against its own adapter-disabled self as the reference."""
-    init: str = "smollm2-135m-instruct"  # the SFT model: the policy starts from it and it is the reference
     data: str = ""  # preference JSONL (prompt/chosen/rejected, conversational, HH-style); kto also takes "label" rows
-    out: str = ""  # output dir: checkpoint, adapter/, log.jsonl, metrics.json, train_state.pt
-    eval_data: str = ""  # held-out preference JSONL: reward accuracy and margin on pairs the policy never saw
     loss: str = "sigmoid"  # {sigmoid, cdpo, robust, ipo, simpo, orpo, kto}: sigmoid is DPO
     beta: float = 0.1  # β: KL strength of DPO/IPO/KTO (TRL, OpenRLHF, torchtune); SimPO's reward scale (use 2-2.5)
     label_smoothing: float = 0.0  # ε: assumed fraction of flipped labels (sigmoid, cdpo, robust, simpo)
@@ -54,27 +51,8 @@ class Config:
     rpo_alpha: float = 0.0  # α: + α·NLL(y_w), the chosen response's token-average NLL (RPO; TRL's rpo_alpha)
     precompute_ref: bool = False  # reference log-probs computed once before training; no reference model kept
     share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 4  # pairs (kto: rows) per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks
     lr: float = 5e-5  # peak learning rate for LoRA (r 16 moves the rewards in ~100 steps); full fine-tune: ~5e-7
-    warmup: int = 10  # linear warmup steps, then cosine decay to 10% of --lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    max_len: int = 512  # max tokens per prompt + response (the response's tail is cut; the prompt must fit)
-    seed: int = 0  # seeds the data order, LoRA init and dropout
-    lora_rank: int = 16  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks (r 16, alpha 32: TRL)
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank
     lora_dropout: float = 0.0  # 0: dropout would make π differ from π_ref at step 0 (TRL disables it for DPO)
-    nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank); the reference is that NF4 base
-    bf16: bool = False  # bf16 autocast for the model (log-probs and loss stay fp32)
-    device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
-    resume: bool = False  # continue the run in --out from its train_state.pt
-    log_every: int = 10  # progress line + log.jsonl row every N steps
-    save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
-    eval_every: int = 0  # evaluate on --eval-data every N steps (0 = only at the end)
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
 
 
 def pair_losses(model, ref_model, batch, exs, cfg):
@@ -144,16 +122,14 @@ def summarize(totals: Counter, device, prefix: str = "") -> dict:
 
 def main(cfg: Config) -> dict:
     # 0. flags (nonsense is a one-line error, exit 2, before anything is loaded), then this process's device and rank
-    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr", "beta"),
-                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "orpo_lambda",
-                               "rpo_alpha"))
+    check_ranges(cfg, positive=("beta",), non_negative=("orpo_lambda", "rpo_alpha"))
     check(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     check(not cfg.label_smoothing or cfg.loss in ("sigmoid", "cdpo", "robust", "simpo"),
           f"--label-smoothing does not apply to --loss {cfg.loss}")
     kto = cfg.loss == "kto"
     check(not kto or cfg.batch_size > 1 and not cfg.precompute_ref, "--loss kto needs --batch-size > 1 (z0 uses "
           "mismatched pairs) and no --precompute-ref")
-    device, rank, world = loop.setup(cfg.seed, cfg.device)
+    device, rank, world = loop.setup(cfg)
 
     # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now, written at step 4
     rows = read_kto(cfg.data) if kto else read_prefs(cfg.data)
@@ -162,11 +138,9 @@ def main(cfg: Config) -> dict:
 
     # 2. the policy (full fine-tune, LoRA, or QLoRA) and π_ref: with LoRA the policy itself, its adapter disabled;
     #    a frozen copy for a full fine-tune (unless --precompute-ref, which reads π_ref before the first step only)
-    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
-                                    max_len=cfg.max_len)
+    model, tok = loop.prepare_model(cfg, device)  # --compile: fused RMSNorm/RoPE/SwiGLU kernels
     frozen_copy = cfg.lora_rank == 0 and not cfg.precompute_ref and cfg.loss not in REFERENCE_FREE
     ref_model = copy.deepcopy(model).requires_grad_(False).eval() if frozen_copy else model
-    model = fast.compile_pointwise(model) if cfg.compile else model  # fused RMSNorm/RoPE/SwiGLU kernels
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 

@@ -34,12 +34,10 @@ SHOW = ("score", "gold", "kl", "clipfrac", "resp_len", "generate_s", "train_s") 
 
 
 @dataclass
-class Config:
+class Config(loop.TrainConfig):
     """PPO / RLOO / GRPO against a reward model or the gold judge, with a KL penalty to the initial policy."""
-    init: str = "smollm2-135m-instruct"  # the policy to start from (usually the SFT checkpoint); also the reference
     prompts: str = ""  # prompts JSONL: {"prompt": str or [messages], ...}; task metadata ("constraints") is kept
     reward: str = "gold"  # a reward-model checkpoint dir, or "gold" (the task suite's judge: verifiable rewards)
-    out: str = ""  # output dir: checkpoint, value_head.safetensors, adapter/, log.jsonl, metrics.json, train_state.pt
     estimator: str = "gae"  # advantages: {gae, rloo, grpo} (value head; leave-one-out; group mean and std)
     kl_coef: float = 0.05  # β, the KL penalty coefficient (the initial β with --target-kl)
     target_kl: float = 0.0  # > 0: adapt β towards this KL per response (Ziegler et al. 2019); 0 = fixed β
@@ -68,19 +66,11 @@ class Config:
     tis_cap: float = 0.0  # with --bf16: weight each token's policy term by min(π_old/π_sampler, C); 0 = off
     max_steps: int = 100  # iterations (rollout + update)
     lr: float = 1e-5  # constant learning rate (LoRA usually wants ~1e-4)
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     max_len: int = 512  # prompts longer than this (tokens) are dropped and counted
-    seed: int = 0  # seeds sampling, shuffling and the LoRA init
-    lora_rank: int = 0  # 0 = full fine-tune (the reference is a frozen copy); > 0 = LoRA (reference: adapter off)
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank (LoRA dropout is 0: no dropout during RL)
-    nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank)
-    device: str = "auto"  # cpu, cuda, or auto
+    lora_rank: int = 0  # 0 = full fine-tune (the reference: a frozen copy); > 0 = LoRA (its adapter off; no dropout)
     compile: bool = False  # torch.compile the decode step, the pointwise layers and the log-prob kernels
-    resume: bool = False  # continue the run in --out from its train_state.pt
     log_every: int = 1  # progress line + log.jsonl row every N iterations
-    save_every: int = 0  # write train_state.pt every N iterations, for --resume (0 = never)
     bf16: bool = False  # sample from a bf16 copy of the weights; autocast the trunk to bf16 elsewhere (log-probs fp32)
-    skip_nonfinite: bool = False  # skip (and count) minibatches with a non-finite loss instead of stopping
 
 
 @dataclass
@@ -120,7 +110,7 @@ def forward_in_chunks(model, value_head, x: Samples, parts: list, cfg: Config, k
 
 def main(cfg: Config) -> dict:
     # 0. setup: flags and inputs first (one-line errors), then the policy, its reference, the reward, the value head
-    device, rank, world = loop.setup(cfg.seed, cfg.device)
+    device, rank, world = loop.setup(cfg)
     k, share, rows, ptx, has_gold = check_inputs(cfg, world)  # k samples per prompt, share responses per forward row
     model, tok, ref_model, rm, value_head = load_models(cfg, device)
     items = [(ids, r) for r in rows if len(ids := tok.render_prompt(r["prompt"])) <= cfg.max_len]  # (prompt ids, row)

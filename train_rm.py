@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import fast, loop
+from nanoalign import loop
 from nanoalign.cli import Logger, check_ranges
 from nanoalign.data import read_prefs
 from nanoalign.losses import bradley_terry_loss
@@ -37,36 +37,14 @@ from nanoalign.prefs import collate_pairs, tokenize_prefs
 
 
 @dataclass
-class Config:
+class Config(loop.DatasetConfig):
     """Bradley-Terry reward model on preference pairs (a scalar head on the SFT model)."""
-    init: str = "smollm2-135m-instruct"  # the SFT model to start from (a preset, the alias, an HF/checkpoint dir)
     data: str = ""  # preference JSONL: prompt/chosen/rejected as strings or message lists, or HH-style chosen/rejected
-    out: str = ""  # output dir: checkpoint (LlamaForSequenceClassification), adapter/, log.jsonl, metrics.json
-    eval_data: str = ""  # held-out preference JSONL: pairwise accuracy, margin, reward mean/std
-    max_steps: int = 200  # optimizer steps
     batch_size: int = 8  # pairs per micro-batch on each rank (2x rows in the forward pass)
-    grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks pairs
-    lr: float = 1e-4  # peak lr: 5e-5..1e-4 suits LoRA RMs; use ~1e-5 for a full fine-tune
-    warmup: int = 10  # linear warmup steps, then cosine decay to 10% of --lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    max_len: int = 512  # max tokens per prompt + response (the response's tail is cut; the prompt must fit)
-    seed: int = 0  # seeds the data order, score head and LoRA init, dropout
-    lora_rank: int = 16  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks (score head in full)
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank; the score head stays fp32)
+    lr: float = 1e-4  # peak lr: 5e-5..1e-4 suits LoRA RMs (the score head trains in full); ~1e-5 for a full fine-tune
     margin: float = 0.0  # m in -log sigmoid(r_c - r_r - m): chosen must win by at least this much
     center_rewards: float = 0.0  # lambda of lambda*(r_c + r_r)^2, pulls rewards toward mean 0 (0.01 is typical)
     share_prompt: bool = True  # a pair is ONE row [prompt | chosen | rejected]: the prompt runs once for both
-    device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
-    resume: bool = False  # continue the run in --out from its train_state.pt
-    log_every: int = 10  # progress line + log.jsonl row every N steps
-    save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
-    eval_every: int = 0  # evaluate on --eval-data every N steps (0 = only at the end)
-    bf16: bool = False  # bf16 autocast for the model (~1.5x faster on AVX512-BF16 CPUs); the loss stays fp32
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
 
 
 def rewards_of(model, batch, device, bf16=False):
@@ -92,10 +70,9 @@ def summarize(stats: Counter, device, prefix: str = "") -> dict:
 
 
 def main(cfg: Config) -> dict:
-    # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
-    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"),
-                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip", "center_rewards"))
-    device, rank, world = loop.setup(cfg.seed, cfg.device)
+    # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded; this process's device, rank
+    check_ranges(cfg, non_negative=("center_rewards",))
+    device, rank, world = loop.setup(cfg)
 
     # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only in step 4
     rows = read_prefs(cfg.data)
@@ -103,9 +80,7 @@ def main(cfg: Config) -> dict:
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
     # 2. model: the SFT model + a fresh score head (an RM checkpoint keeps its own); NF4 base and LoRA optional
-    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
-                                    max_len=cfg.max_len, score_head=True, seed=cfg.seed)
-    model = fast.compile_pointwise(model) if cfg.compile else model
+    model, tok = loop.prepare_model(cfg, device, score_head=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 

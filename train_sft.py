@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoalign import fast, loop
-from nanoalign.cli import Logger, check_ranges
+from nanoalign import loop
+from nanoalign.cli import Logger
 from nanoalign.data import collate_sft, read_sft, tokenize_sft
 from nanoalign.logprobs import token_logprobs
 from nanoalign.losses import sft_loss
@@ -33,36 +33,14 @@ from nanoalign.packing import collate_packed, pack_sft
 
 
 @dataclass
-class Config:
+class Config(loop.DatasetConfig):
     """Supervised fine-tuning on chat demonstrations (loss on the assistant turns)."""
-    init: str = "smollm2-135m-instruct"  # start from: a preset (tiny, small), the alias, an HF/checkpoint dir, a .gguf
     data: str = ""  # SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} per line
-    out: str = ""  # output dir: checkpoint, adapter/, log.jsonl, metrics.json, train_state.pt
-    eval_data: str = ""  # held-out SFT JSONL for an eval loss (optional)
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 4  # rows per micro-batch on each rank
-    grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks
     lr: float = 2e-5  # peak learning rate (LoRA usually wants ~2e-4)
-    warmup: int = 10  # linear warmup steps, then cosine decay to 10% of --lr
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    max_len: int = 512  # max tokens per row (per packed row with --pack)
+    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks
     truncate: str = "drop"  # {drop, left}: rows over --max-len are dropped, or lose their oldest prompt tokens
     train_on_prompt: bool = False  # also train on the system/user tokens, not only on the assistant turns
-    pack: bool = False  # pack several conversations per row; attention and positions stay per conversation
-    seed: int = 0  # seeds the data order, LoRA init and dropout
-    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank
-    lora_dropout: float = 0.05  # dropout on the LoRA input
-    nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank)
-    bf16: bool = False  # bf16 autocast for the model (log-probs and loss stay fp32); off: not measured faster on CPU
-    device: str = "auto"  # cpu, cuda, or auto
-    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
-    resume: bool = False  # continue the run in --out from its train_state.pt
-    log_every: int = 10  # progress line + log.jsonl row every N steps
-    save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
-    eval_every: int = 0  # eval loss every N steps with --eval-data (0 = only at the end)
-    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    pack: bool = False  # pack several conversations per row (of --max-len); attention and positions stay per row
 
 
 def batch_loss(model, batch, num_tokens, cfg, device):
@@ -75,10 +53,8 @@ def batch_loss(model, batch, num_tokens, cfg, device):
 
 
 def main(cfg: Config) -> dict:
-    # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded
-    check_ranges(cfg, positive=("max_steps", "batch_size", "grad_accum", "max_len", "log_every", "lr"),
-                 non_negative=("warmup", "save_every", "eval_every", "weight_decay", "grad_clip"))
-    device, rank, world = loop.setup(cfg.seed, cfg.device)
+    # 0. flags: nonsense values are one-line errors (exit 2) before anything is loaded; this process's device, rank
+    device, rank, world = loop.setup(cfg)
 
     # 1. data: validated rows (bad input -> `FILE:LINE: what`); --out is checked now but written only in step 4
     rows = read_sft(cfg.data)
@@ -86,9 +62,7 @@ def main(cfg: Config) -> dict:
     loop.prepare_out(cfg.out, cfg, cfg.resume, rank=-1)
 
     # 2. model: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA); AdamW over the trainable weights
-    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.nf4,
-                                    max_len=cfg.max_len)
-    model = fast.compile_pointwise(model) if cfg.compile else model
+    model, tok = loop.prepare_model(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = loop.make_optimizer(params, cfg.lr, cfg.weight_decay)
 

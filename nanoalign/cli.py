@@ -52,11 +52,14 @@ def build_parser(cls, prog=None) -> argparse.ArgumentParser:
     default = (f"python -m nanoalign.{os.path.basename(script)[:-3]}" if os.path.dirname(script) ==
                os.path.dirname(os.path.abspath(__file__)) else os.path.basename(script))
     p = _Parser(prog=prog or default, description=(doc or "").strip(), formatter_class=_Help)
-    try:  # {name: comment} for each `name: type = default  # comment` line of the class
-        comments = {m[1]: m[2] for m in map(FIELD.match, inspect.getsource(cls).splitlines()) if m}
-    except (OSError, TypeError):  # no source to read (e.g. a class made at runtime): no help text
-        comments = {}
-    for f in dataclasses.fields(cls):
+    comments = {}  # {name: comment} for each `name: type = default  # comment` line, a subclass's winning
+    for c in reversed(cls.__mro__[:-1]):
+        try:
+            comments.update({m[1]: m[2] for m in map(FIELD.match, inspect.getsource(c).splitlines()) if m})
+        except (OSError, TypeError):  # no source to read (e.g. a class made at runtime): no help text
+            pass
+    own = list(vars(cls).get("__annotations__", {}))  # the class's own fields first, then those it inherits
+    for f in sorted(dataclasses.fields(cls), key=lambda f: own.index(f.name) if f.name in own else len(own)):
         flag, comment = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
         default = f.default_factory() if callable(f.default_factory) else f.default
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}.get(str(f.type), str)

@@ -8,13 +8,14 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_model
 
-from . import checkpoint
-from .cli import check, run
+from . import checkpoint, fast
+from .cli import check, check_ranges, run
 from .hub import load
 from .lora import apply_lora, merge_lora, save_adapter
 from .nf4 import quantize_nf4_
@@ -23,21 +24,62 @@ DIST_TIMEOUT = datetime.timedelta(seconds=120)  # a collective's wait for a peer
 NOT_SETTINGS = ("out", "resume", "max_steps", "save_every", "log_every", "device", "compile")  # free on --resume
 
 
+@dataclass
+class TrainConfig:
+    """The flags every training script shares; each script's Config adds its own and may change a default."""
+    init: str = "smollm2-135m-instruct"  # start from: a preset (tiny, small), the alias, an HF/checkpoint dir, a .gguf
+    out: str = ""  # output dir: checkpoint, adapter/, log.jsonl, metrics.json, train_state.pt
+    max_steps: int = 200  # optimizer steps
+    lr: float = 5e-5  # peak learning rate
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    max_len: int = 512  # max tokens per row (prompt + response: the response's tail is cut; the prompt must fit)
+    seed: int = 0  # seeds the data order, LoRA init and dropout
+    lora_rank: int = 16  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks (r 16, alpha 32: TRL)
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank
+    nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank)
+    bf16: bool = False  # bf16 autocast for the model (log-probs and loss stay fp32)
+    device: str = "auto"  # cpu, cuda, or auto
+    compile: bool = False  # torch.compile RMSNorm, RoPE, SwiGLU and the log-prob kernels: less memory, ~20 s warmup
+    resume: bool = False  # continue the run in --out from its train_state.pt
+    log_every: int = 10  # progress line + log.jsonl row every N steps
+    save_every: int = 0  # write train_state.pt every N steps, for --resume (0 = never)
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+
+
+@dataclass
+class DatasetConfig(TrainConfig):
+    """The flags of the scripts that step through a dataset in batches: SFT, RM and DPO."""
+    data: str = ""  # training JSONL
+    eval_data: str = ""  # held-out JSONL of the same kind, for eval metrics (optional)
+    batch_size: int = 4  # rows (pairs) per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * ranks
+    warmup: int = 10  # linear warmup steps, then cosine decay to 10% of --lr
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    eval_every: int = 0  # evaluate on --eval-data every N steps (0 = only at the end)
+
+
+POSITIVE = ("max_steps", "lr", "max_len", "log_every", "batch_size", "grad_accum")  # of the shared flags
+NON_NEGATIVE = ("grad_clip", "save_every", "warmup", "weight_decay", "eval_every")
+
+
 class TrainingError(Exception):
     """A run that cannot go on (e.g. a non-finite loss): one `error:` line, exit code 1, last checkpoint kept."""
 
 
-def setup(seed: int, device: str = "auto"):
-    """-> (device, rank, world). Joins the process group when launched by torchrun; seeds torch."""
+def setup(cfg: TrainConfig):
+    """Check the shared flags (nonsense is a one-line error, exit 2, before anything is loaded); join the process
+    group when launched by torchrun; seed torch. -> (device, rank, world)."""
+    check_ranges(cfg, [n for n in POSITIVE if hasattr(cfg, n)], [n for n in NON_NEGATIVE if hasattr(cfg, n)])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device  # hub.load checks it
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device  # load checks
     check(not device.startswith("cuda") or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
     if world > 1 and not dist.is_initialized():
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
-    torch.manual_seed(seed)  # every random draw of the scripts comes from torch (CPU and CUDA)
+    torch.manual_seed(cfg.seed)  # every random draw of the scripts comes from torch (CPU and CUDA)
     return device, rank, world
 
 
@@ -69,21 +111,23 @@ def all_reduce_dict(sums: dict, device) -> dict:  # {name: number} summed over r
     return dict(zip(sums, total.tolist()))
 
 
-def prepare_model(init: str, device: str, lora_rank: int = 0, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                  nf4: bool = False, max_len: int = 0, score_head: bool = False, seed: int = 0):
-    """Load --init (+ a reward head r(x, y) with score_head, unless it has one), NF4 base and LoRA optional."""
-    check(lora_rank >= 0, f"--lora-rank must be >= 0, got {lora_rank}")
-    check(0 <= lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {lora_dropout}")
-    check(not nf4 or lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a frozen 4-bit base)")
-    model, tok = load(init, device)
-    check(max_len <= (n := model.cfg.max_position_embeddings), f"--max-len {max_len} exceeds the model's {n} positions")
+def prepare_model(cfg: TrainConfig, device: str, score_head: bool = False):
+    """Load --init (+ a reward head r(x, y) with score_head, unless it has one), NF4 base and LoRA optional (LoRA
+    dropout 0 without a --lora-dropout flag: PPO); with --compile, the fused kernels of nanoalign.fast."""
+    dropout = getattr(cfg, "lora_dropout", 0.0)
+    check(cfg.lora_rank >= 0, f"--lora-rank must be >= 0, got {cfg.lora_rank}")
+    check(0 <= dropout < 1, f"--lora-dropout must be in [0, 1), got {dropout}")
+    check(not cfg.nf4 or cfg.lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a frozen 4-bit base)")
+    model, tok = load(cfg.init, device)
+    n = model.cfg.max_position_embeddings
+    check(cfg.max_len <= n, f"--max-len {cfg.max_len} exceeds the model's {n} positions")
     if score_head and model.score is None:
-        model.add_score_head(seed=seed)
-    if nf4:
+        model.add_score_head(seed=cfg.seed)
+    if cfg.nf4:
         quantize_nf4_(model)  # leaves lm_head and score in full precision
-    if lora_rank > 0:  # a reward head trains in full next to the adapters (PEFT's modules_to_save)
-        apply_lora(model, lora_rank, lora_alpha, lora_dropout, trainable=("score",) if score_head else ())
-    return model, tok
+    if cfg.lora_rank > 0:  # a reward head trains in full next to the adapters (PEFT's modules_to_save)
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, dropout, trainable=("score",) if score_head else ())
+    return fast.compile_pointwise(model) if cfg.compile else model, tok
 
 
 def autocast(bf16: bool, device):  # --bf16: the model's matmuls in bf16; log-probs and losses stay fp32

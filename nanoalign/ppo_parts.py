@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from . import fast, hub, loop, rl
+from . import hub, loop, rl
 from .cli import check, check_ranges
 from .data import collate_sft, read_prompts, read_sft
 from .judge import check_rows
@@ -16,10 +16,10 @@ from .losses import sft_loss
 def check_inputs(cfg, world: int) -> tuple[int, int, list, list, bool]:
     """Nonsense flags and unusable files are one-line errors (exit 2) before anything is loaded. -> (k samples per
     prompt, responses per forward row (k with --share-prompt, else 1), prompt rows, --ptx-data rows, has_gold)."""
-    check_ranges(cfg, positive=("max_steps", "rollout_batch", "minibatch_size", "max_new_tokens", "temperature", "lr",
-                                "kl_horizon", "ppo_epochs", "max_len", "log_every", "ptx_batch"),
-                 non_negative=("kl_coef", "target_kl", "clip", "value_clip", "vf_coef", "entropy_coef", "grad_clip",
-                               "save_every", "samples_per_prompt", "ptx_coef", "tis_cap"))
+    check_ranges(cfg, positive=("rollout_batch", "minibatch_size", "max_new_tokens", "temperature", "kl_horizon",
+                                "ppo_epochs", "ptx_batch"),
+                 non_negative=("kl_coef", "target_kl", "clip", "value_clip", "vf_coef", "entropy_coef",
+                               "samples_per_prompt", "ptx_coef", "tis_cap"))
     check(0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1, "--gamma and --lam must be in [0, 1]")
     k = cfg.samples_per_prompt or (1 if cfg.estimator == "gae" else 4)
     check(cfg.estimator == "gae" or k >= 2, f"--estimator {cfg.estimator} needs --samples-per-prompt >= 2, got {k}")
@@ -44,8 +44,8 @@ def check_inputs(cfg, world: int) -> tuple[int, int, list, list, bool]:
 def load_models(cfg, device: str):
     """-> policy, tokenizer, reference (None with LoRA: the policy with its adapter off), RM (None: gold), value head
     (None: no critic). No dropout during RL (eval mode, LoRA dropout 0): sampling, reference and update agree."""
-    model, tok = loop.prepare_model(cfg.init, device, cfg.lora_rank, cfg.lora_alpha, 0.0, cfg.nf4)
-    model = (fast.compile_pointwise(model) if cfg.compile else model).eval()
+    model, tok = loop.prepare_model(cfg, device)
+    model.eval()
     check(cfg.max_len + cfg.max_new_tokens <= model.cfg.max_position_embeddings,
           f"--max-len + --max-new-tokens exceed the model's {model.cfg.max_position_embeddings} positions")
     ref_model, rm, value_head = None if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False), None, None
