@@ -14,6 +14,7 @@ is rebuilt from it at each start. --annotator gold --rounds N: the task suite's 
 import http.server
 import json
 import os
+import pathlib
 import random
 import secrets
 import sys
@@ -21,16 +22,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import cli, judge
+from .arena_votes import WINNERS, VoteLog, format_board, leaderboard, read_votes
 from .cli import UserError, check
 from .data import read_prompts
 from .generate import generate_texts
 
-WINNERS = ("A", "B", "tie", "both_bad")
-SCORE = {"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}  # A's share of the game: a tie is half a win each way
 MAX_BODY = 64 * 1024  # bytes per request: a vote or a typed prompt, never a file
+# The page and its script. Everything the server sends (prompts, answers, model names) is untrusted text: the script
+# puts it into the page through textContent only, never innerHTML, and the Content-Security-Policy runs no inline script
+PAGE, SCRIPT = (pathlib.Path(__file__).with_name("assets").joinpath(f).read_text("utf-8")
+                for f in ("arena.html", "arena.js"))
 
 
 @dataclass
@@ -48,122 +50,6 @@ class Config:
     seed: int = 0  # seeds the prompts, the pairs, the left/right order and the sampling
     device: str = "cpu"  # cpu or cuda
     ratings: str = ""  # print the ratings of this votes.jsonl and exit (`python -m nanoalign.arena ratings FILE`)
-
-
-def bradley_terry(W: np.ndarray, prior: float = 1.0, iters: int = 10000, tol: float = 1e-7) -> np.ndarray:
-    """W[i, j] = wins of model i over model j -> Bradley–Terry ratings on the Elo scale, mean 1000:
-    P(i beats j) = 1 / (1 + 10^((R_j - R_i) / 400)). Fit by Hunter's (2004) MM iteration on the strengths
-    p = 10^(R / 400): p_i <- W_i / sum_j n_ij / (p_i + p_j). A model that never lost has no finite maximum-likelihood
-    rating, so `prior` games, split half and half, are added between every two models that met (0: the plain MLE)."""
-    W = W + prior / 2 * (W + W.T > 0)
-    N = W + W.T  # games between i and j
-    p = np.ones(len(W))
-    for _ in range(iters):
-        p, old = W.sum(1) / (N / (p[:, None] + p[None, :])).sum(1), p
-        p = p / np.exp(np.log(p).mean())  # only ratios are identified: fix the geometric mean at 1
-        if np.abs(p - old).max() < tol:
-            break
-    return 1000 + 400 * np.log10(p)
-
-
-def leaderboard(votes: list[dict], n_boot: int = 200, seed: int = 0) -> list[dict]:
-    """Ratings, best first, with 95% intervals from refits on the votes resampled with replacement (bootstrap)."""
-    if not votes:
-        return []
-    names = sorted({v[k] for v in votes for k in ("model_a", "model_b")})
-    ix, m, n = {name: i for i, name in enumerate(names)}, len(names), len(votes)
-    ia, ib = (np.array([ix[v[k]] for v in votes], dtype=int) for k in ("model_a", "model_b"))
-    s = np.array([SCORE[v["winner"]] for v in votes])
-
-    def fit(k):  # the votes with indices k -> ratings (m,); W[i, j] = wins of model i over model j
-        W = np.zeros((m, m))
-        np.add.at(W, (ia[k], ib[k]), s[k])
-        np.add.at(W, (ib[k], ia[k]), 1 - s[k])
-        return bradley_terry(W)
-
-    rng = np.random.default_rng(seed)
-    boots = np.array([fit(rng.integers(0, n, n)) for _ in range(n_boot)])  # (n_boot, m)
-    lo, hi = np.percentile(boots, [2.5, 97.5], axis=0)  # a model missing from a resample sits at the mean there
-    rating, count = fit(np.arange(n)), np.bincount(ia, minlength=m) + np.bincount(ib, minlength=m)
-    rows = [{"model": name, "rating": float(rating[i]), "lo": float(lo[i]), "hi": float(hi[i]),
-             "votes": int(count[i])} for i, name in enumerate(names)]
-    return sorted(rows, key=lambda r: -r["rating"])
-
-
-def format_board(rows: list[dict]) -> str:
-    if not rows:
-        return "no votes yet"
-    w = max([5] + [len(r["model"]) for r in rows])
-    return "\n".join([f"{'model':<{w}}  rating  95% interval   votes"] + [f"{r['model']:<{w}}  {r['rating']:6.0f}  "
-                     f"[{r['lo']:4.0f}, {r['hi']:4.0f}]  {r['votes']:6d}" for r in rows])
-
-
-def vote_to_pref(v: dict) -> dict | None:
-    """A decisive vote -> a TRL preference row; a tie or both-bad says nothing about which answer is better."""
-    if v["winner"] not in ("A", "B"):
-        return None
-    win, lose = ("answer_a", "answer_b") if v["winner"] == "A" else ("answer_b", "answer_a")
-    return {"prompt": v["prompt"], "chosen": v[win], "rejected": v[lose]}
-
-
-def read_votes(path: str, repair: bool = False) -> list[dict]:
-    """votes.jsonl -> votes. A last line without its newline was never confirmed (the server died mid-write): it is
-    skipped, and with repair=True cut off, so that the next vote starts on a fresh line."""
-    check(os.path.isfile(path), f"{path}: no such file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    whole = raw[:raw.rfind(b"\n") + 1]
-    if len(whole) < len(raw):
-        print(f"warning: {path}: skipping a truncated last line (a vote that was never confirmed)", file=sys.stderr)
-        if repair:
-            os.truncate(path, len(whole))
-    votes = []
-    for i, line in enumerate(whole.split(b"\n")[:-1], 1):
-        try:
-            v = json.loads(line)
-            ok = (v["winner"] in WINNERS and v["model_a"] != v["model_b"]
-                  and all(k in v for k in ("prompt", "answer_a", "answer_b")))
-        except (ValueError, RecursionError, KeyError, TypeError):
-            ok = False
-        check(ok, f"{path}:{i}: not a vote (a JSON object with prompt, model_a, model_b, answer_a, answer_b, winner)")
-        votes.append(v)
-    return votes
-
-
-class VoteLog:
-    """OUT/votes.jsonl, the record, and OUT/prefs.jsonl, derived from it; appends are serialized by a lock."""
-
-    def __init__(self, out: str):
-        os.makedirs(out, exist_ok=True)
-        self.votes_path, self.prefs_path = os.path.join(out, "votes.jsonl"), os.path.join(out, "prefs.jsonl")
-        self.lock = threading.Lock()
-        self.votes = read_votes(self.votes_path, repair=True) if os.path.exists(self.votes_path) else []
-        with open(self.prefs_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for v in self.votes if (p := vote_to_pref(v)))
-        os.replace(self.prefs_path + ".tmp", self.prefs_path)
-
-    def append(self, row: dict, names, answers, winner: str, annotator: str) -> int:
-        vote = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "prompt": row["prompt"],
-                "prompt_id": row.get("id"), "model_a": names[0], "model_b": names[1], "answer_a": answers[0],
-                "answer_b": answers[1], "winner": winner, "annotator": annotator}
-        with self.lock:
-            self._write(self.votes_path, vote)
-            self.votes.append(vote)
-            if (pref := vote_to_pref(vote)) is not None:
-                self._write(self.prefs_path, pref)
-            return len(self.votes)
-
-    @staticmethod
-    def _write(path: str, row: dict):
-        with open(path, "ab") as f:
-            end = f.seek(0, os.SEEK_END)
-            try:
-                f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the page says "recorded"
-            except OSError:
-                f.truncate(end)  # e.g. a full disk: leave no torn line for the next vote to follow
-                raise
 
 
 class BadRequest(Exception):
@@ -328,73 +214,6 @@ def main(cfg: Config) -> dict:
     with httpd:
         httpd.serve_forever()
 
-
-# Everything the server sends (prompts, answers, model names) is untrusted text: the script puts it into the page
-# through textContent only, never innerHTML, and the Content-Security-Policy runs no inline script.
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>nanoalign arena</title><style>
-body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:1em}#warning{background:#fde2e1;padding:.6em}
-.box{border:1px solid #bbb;border-radius:6px;padding:.7em;white-space:pre-wrap;overflow-wrap:anywhere;min-height:5em}
-#prompt{background:#f3f3f3;min-height:1em}button{font-size:15px;padding:.4em .9em}#reveal{color:#1b5e20}
-</style></head><body><h2>nanoalign arena</h2><p id="warning" hidden></p><form id="ask"><textarea id="typed" rows="2"
-cols="90" placeholder="Type a prompt, or take the next one from the file"></textarea><br><button type="submit">Ask
-</button> <button type="button" id="next">Next prompt from the file (N)</button></form><h3>Prompt</h3><div id="prompt"
-class="box"></div><p><span id="status"></span> <progress id="progress"></progress></p><div class="cols"><div>
-<h3>Model A</h3><div id="a" class="box"></div></div><div><h3>Model B</h3><div id="b" class="box"></div></div></div><p>
-<button data-w="A" disabled>A is better (1)</button> <button data-w="B" disabled>B is better (2)</button> <button
-data-w="tie" disabled>Tie (3)</button> <button data-w="both_bad" disabled>Both bad (4)</button></p><p id="reveal"></p>
-<h3>Leaderboard</h3><pre id="board"></pre><script src="/arena.js"></script></body></html>"""
-
-SCRIPT = r""""use strict";
-const $ = id => document.getElementById(id), buttons = [...document.querySelectorAll("button[data-w]")];
-const keys = {1: "A", ArrowLeft: "A", 2: "B", ArrowRight: "B", 3: "tie", 4: "both_bad"};
-const say = text => { $("status").textContent = text; }, setReady = on => buttons.forEach(b => { b.disabled = !on; });
-let pair = null, hasPrompts = false, lastS = null;
-async function api(path, body) {
-  const r = await fetch(path, body && {method: "POST", body: JSON.stringify(body),
-                                       headers: {"Content-Type": "application/json"}});
-  const j = await r.json();
-  if (r.ok) return j;
-  throw new Error(j.error || r.statusText);
-}
-async function refresh() {
-  const s = await api("/api/state");
-  $("warning").textContent = s.warning; $("warning").hidden = !s.warning; $("board").textContent = s.board;
-  hasPrompts = s.has_prompts; lastS = s.last_s; $("next").disabled = !hasPrompts;
-}
-async function ask(typed) {  // the server replies once both answers are written; a clock runs meanwhile
-  setReady(false); pair = null; $("prompt").textContent = typed ?? ""; $("a").textContent = $("b").textContent = "";
-  const t0 = Date.now(), tick = () => {
-    const s = (Date.now() - t0) / 1000;
-    say(`Writing the two answers... ${s.toFixed(1)} s` + (lastS ? ` (the last pair took ${lastS.toFixed(1)} s)` : ""));
-    $("progress").value = lastS ? Math.min(s / lastS, 0.99) : 0;
-  }, timer = setInterval(tick, 200);
-  tick();
-  try {
-    const p = await api("/api/pair", typed === undefined ? {} : {prompt: typed}).finally(() => clearInterval(timer));
-    for (const id of ["prompt", "a", "b"]) $(id).textContent = p[id];
-    pair = p.id; say("Which answer is better?"); setReady(true); $("progress").value = 1;
-  } catch (e) { say("Error: " + e.message); }
-}
-async function vote(winner, id = pair) {
-  if (id === null) return;
-  pair = null; setReady(false); say("Recording the vote...");
-  try {
-    const r = await api("/api/vote", {id, winner});
-    $("reveal").textContent = `Vote ${r.votes} recorded: A was ${r.a}, B was ${r.b}.`;
-  } catch (e) { say("Error: " + e.message); pair = id; return setReady(true); }
-  await refresh();
-  if (hasPrompts) ask(); else say("Type the next prompt.");
-}
-buttons.forEach(b => b.addEventListener("click", () => vote(b.dataset.w)));
-document.addEventListener("keydown", e => {
-  if (e.target.tagName === "TEXTAREA" || e.ctrlKey || e.metaKey || e.altKey) return;
-  if (keys[e.key]) vote(keys[e.key]); else if (e.key === "n" && hasPrompts) ask();
-});
-$("ask").addEventListener("submit", e => { e.preventDefault(); if ($("typed").value.trim()) ask($("typed").value); });
-$("next").addEventListener("click", () => ask());
-refresh().then(() => hasPrompts ? ask() : say("Type a prompt to start."));
-"""
 
 if __name__ == "__main__":  # `ratings FILE` is --ratings FILE
     cli.run(main, Config, ["--ratings", *sys.argv[2:]] if sys.argv[1:2] == ["ratings"] else sys.argv[1:])

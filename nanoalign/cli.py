@@ -1,5 +1,6 @@
 """Flags from a dataclass (each field's same-line `# comment` is its --help), one-line errors, and the progress log."""
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -85,8 +86,14 @@ def parse_cli(cls, argv=None, prog=None):
 
 
 def run(main, cls, argv=None, prog=None):  # the entry point of every command
-    try:
+    with one_line_errors():
         return main(parse_cli(cls, argv, prog))
+
+
+@contextlib.contextmanager
+def one_line_errors():  # a UserError is `error: ...` and exit code 2; Ctrl-C exit code 130; never a traceback
+    try:
+        yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
-from .cli import UserError, check
+from .cli import UserError, check, one_line_errors
 from .model import PRESETS, ModelConfig, Transformer, rope_frequencies
 from .tokenizer import bpe_tokenizer, byte_tokenizer
 
@@ -133,8 +133,5 @@ def load(init: str, device="cpu", dtype=torch.float32, seed: int = 0):
 
 
 if __name__ == "__main__":  # python -m nanoalign.hub OUT: convert the alias's GGUF into OUT (hub.load runs this)
-    try:
+    with one_line_errors():
         save_checkpoint(sys.argv[1], *load_gguf(find_smollm2_gguf()))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

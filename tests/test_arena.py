@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, assert_user_error, run_cli
 
-from nanoalign import arena, cli, hub, judge, tasks
+from nanoalign import arena, arena_votes, cli, hub, judge, tasks
 from nanoalign.data import read_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,7 @@ def models():
 def served(tmp_path, models, rows=(), **kw):
     """An arena on a free loopback port, serving on a background thread; yields (base url, Arena)."""
     cfg = arena.Config(**{"out": str(tmp_path / "votes"), "port": 0, "max_new_tokens": 8, **kw})
-    httpd, a = arena.make_server(cfg, models, list(rows), arena.VoteLog(cfg.out))
+    httpd, a = arena.make_server(cfg, models, list(rows), arena_votes.VoteLog(cfg.out))
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
     try:
@@ -82,33 +82,33 @@ def call(url, body=None, headers=None, method=None):
 # ---------------------------------------------------------------------------------------------------- ratings
 def test_bradley_terry_matches_hand_worked_ratings():
     # two models, A beat B 3 times of 4: the MLE has p_A / p_B = 3, so R_A - R_B = 400 log10 3 = 190.85, mean 1000
-    r = arena.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]), prior=0)
+    r = arena_votes.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]), prior=0)
     assert r == pytest.approx([1000 + 200 * math.log10(3), 1000 - 200 * math.log10(3)], abs=1e-3)
     # three models whose results are exactly what strengths 4 : 2 : 1 predict (A-B 2:1, B-C 2:1, A-C 4:1): the score
     # equations hold at p = (4, 2, 1), so the ratings are 120.41 apart (400 log10 2), centred on B
     W = np.array([[0, 2, 4], [1, 0, 2], [1, 1, 0]], dtype=float)
-    r = arena.bradley_terry(W, prior=0)
+    r = arena_votes.bradley_terry(W, prior=0)
     assert r == pytest.approx([1000 + 400 * math.log10(2), 1000, 1000 - 400 * math.log10(2)], abs=1e-3)
     # the default prior adds one game split half and half: A 3.5 of 5 -> 400 log10(3.5 / 1.5) = 147.19
-    r = arena.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]))
+    r = arena_votes.bradley_terry(np.array([[0.0, 3.0], [1.0, 0.0]]))
     assert r[0] - r[1] == pytest.approx(400 * math.log10(7 / 3), abs=1e-3)
     # an unbeaten model still gets a finite rating: 1.5 : 0.5 -> 400 log10 3
-    r = arena.bradley_terry(np.array([[0.0, 1.0], [0.0, 0.0]]))
+    r = arena_votes.bradley_terry(np.array([[0.0, 1.0], [0.0, 0.0]]))
     assert r[0] - r[1] == pytest.approx(400 * math.log10(3), abs=1e-3)
 
 
 def test_leaderboard_counts_ties_as_half_and_bootstrap_narrows_with_votes():
     # x beat y twice (once from each side), lost once, tied once: x scores 2.5 of 4, +0.5 prior -> 3 : 2
     votes = [vote_row("x", "y", "A"), vote_row("y", "x", "B"), vote_row("x", "y", "B"), vote_row("y", "x", "tie")]
-    board = arena.leaderboard(votes, n_boot=50)
+    board = arena_votes.leaderboard(votes, n_boot=50)
     assert [r["model"] for r in board] == ["x", "y"] and [r["votes"] for r in board] == [4, 4]
     assert board[0]["rating"] - board[1]["rating"] == pytest.approx(400 * math.log10(3 / 2), abs=1e-3)
     # both-bad counts as a tie too
-    assert arena.leaderboard([vote_row("x", "y", "both_bad")] * 3)[0]["rating"] == pytest.approx(1000)
+    assert arena_votes.leaderboard([vote_row("x", "y", "both_bad")] * 3)[0]["rating"] == pytest.approx(1000)
     few = [vote_row("x", "y", "A")] * 6 + [vote_row("x", "y", "B")] * 4
     widths = []
     for k in (1, 8):
-        x = next(r for r in arena.leaderboard(few * k, n_boot=300, seed=1) if r["model"] == "x")
+        x = next(r for r in arena_votes.leaderboard(few * k, n_boot=300, seed=1) if r["model"] == "x")
         assert x["lo"] <= x["rating"] <= x["hi"]
         widths.append(x["hi"] - x["lo"])
     assert widths[1] < 0.6 * widths[0]  # 8x the votes: about 1/sqrt(8) the width
@@ -130,13 +130,13 @@ def test_ratings_command_prints_the_table(tmp_path):
 # ------------------------------------------------------------------------------------------------------ votes
 def test_votes_become_trl_pairs_and_prefs_is_rebuilt_from_votes(tmp_path):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    assert arena.vote_to_pref(vote_row("m", "n", "A", ans=("left", "right"))) == {
+    assert arena_votes.vote_to_pref(vote_row("m", "n", "A", ans=("left", "right"))) == {
         "prompt": "p", "chosen": "left", "rejected": "right"}
-    assert arena.vote_to_pref(vote_row("m", "n", "B", prompt=msgs, ans=("left", "right"))) == {
+    assert arena_votes.vote_to_pref(vote_row("m", "n", "B", prompt=msgs, ans=("left", "right"))) == {
         "prompt": msgs, "chosen": "right", "rejected": "left"}
-    assert arena.vote_to_pref(vote_row("m", "n", "tie")) is None
-    assert arena.vote_to_pref(vote_row("m", "n", "both_bad")) is None
-    log = arena.VoteLog(str(tmp_path))
+    assert arena_votes.vote_to_pref(vote_row("m", "n", "tie")) is None
+    assert arena_votes.vote_to_pref(vote_row("m", "n", "both_bad")) is None
+    log = arena_votes.VoteLog(str(tmp_path))
     for w in ("A", "tie", "B", "both_bad"):
         log.append({"prompt": "q", "id": "row-7"}, ("m", "n"), ("left", "right"), w, "human")
     votes = lines(tmp_path / "votes.jsonl")
@@ -144,7 +144,7 @@ def test_votes_become_trl_pairs_and_prefs_is_rebuilt_from_votes(tmp_path):
     assert lines(tmp_path / "prefs.jsonl") == [{"prompt": "q", "chosen": "left", "rejected": "right"},
                                                {"prompt": "q", "chosen": "right", "rejected": "left"}]
     (tmp_path / "prefs.jsonl").write_text("")  # as if the server died between the two appends
-    assert len(arena.VoteLog(str(tmp_path)).votes) == 4 and len(lines(tmp_path / "prefs.jsonl")) == 2
+    assert len(arena_votes.VoteLog(str(tmp_path)).votes) == 4 and len(lines(tmp_path / "prefs.jsonl")) == 2
 
 
 # ------------------------------------------------------------------------------------------------------ server
@@ -220,7 +220,7 @@ def test_concurrent_votes_from_many_threads_lose_nothing(tmp_path, models, monke
         def voter(t):  # two threads per pair: exactly one of them gets its vote recorded
             for i, p in enumerate(pairs):
                 if i % 4 == t % 4:
-                    results[t, i] = call(url + "/api/vote", {"id": p["id"], "winner": arena.WINNERS[i % 4]})[0]
+                    results[t, i] = call(url + "/api/vote", {"id": p["id"], "winner": arena_votes.WINNERS[i % 4]})[0]
 
         threads = [threading.Thread(target=voter, args=(t,)) for t in range(8)]
         [t.start() for t in threads]
@@ -232,7 +232,7 @@ def test_concurrent_votes_from_many_threads_lose_nothing(tmp_path, models, monke
     for p in pairs:
         assert (by_prompt[p["prompt"]]["answer_a"], by_prompt[p["prompt"]]["answer_b"]) == (p["a"], p["b"])
     prefs = lines(tmp_path / "votes" / "prefs.jsonl")
-    assert prefs == [arena.vote_to_pref(v) for v in votes if v["winner"] in ("A", "B")] and len(prefs) == 20
+    assert prefs == [arena_votes.vote_to_pref(v) for v in votes if v["winner"] in ("A", "B")] and len(prefs) == 20
     assert len(a.log.votes) == 40
 
 
@@ -271,7 +271,7 @@ def test_a_killed_server_loses_no_confirmed_vote_and_a_restart_appends(tmp_path,
     assert raw.startswith(first) and b"half a vo" not in raw
     votes = lines(out / "votes.jsonl")
     assert [v["winner"] for v in votes] == ["A", "tie", "B", "B", "both_bad"]
-    assert lines(out / "prefs.jsonl") == [arena.vote_to_pref(v) for v in votes if v["winner"] in ("A", "B")]
+    assert lines(out / "prefs.jsonl") == [arena_votes.vote_to_pref(v) for v in votes if v["winner"] in ("A", "B")]
 
 
 def test_bad_flags_are_one_error_line_and_a_public_host_is_announced(tmp_path):
@@ -296,14 +296,14 @@ def test_gold_annotator_votes_as_the_judge_scores(tmp_path, data, monkeypatch):
     monkeypatch.setattr(arena, "generate_texts", lambda model, tok, prompts, *a, **k: [
         rows[p]["reference"] if model is good[0] else "" for p in prompts])
     cfg = arena.Config(prompts=str(data / "eval.jsonl"), out=str(tmp_path), annotator="gold", rounds=10)
-    arena.gold_rounds(cfg, {"good": good, "bad": bad}, task_rows(data, "eval"), arena.VoteLog(cfg.out))
+    arena.gold_rounds(cfg, {"good": good, "bad": bad}, task_rows(data, "eval"), arena_votes.VoteLog(cfg.out))
     votes = lines(tmp_path / "votes.jsonl")
     assert len(votes) == 10 and {v["annotator"] for v in votes} == {"gold"}
     for v in votes:
         assert v["winner"] == ("A" if v["model_a"] == "good" else "B")
         assert judge.score(v["answer_a" if v["winner"] == "A" else "answer_b"], rows[v["prompt"]]) > 0
     assert len(lines(tmp_path / "prefs.jsonl")) == 10
-    board = arena.leaderboard(votes, n_boot=100)
+    board = arena_votes.leaderboard(votes, n_boot=100)
     assert board[0]["model"] == "good" and board[0]["lo"] > board[1]["hi"]
 
 
@@ -388,10 +388,10 @@ def test_browser_votes_by_mouse_and_keyboard_are_exactly_the_files(tmp_path, dat
     votes = lines(tmp_path / "votes" / "votes.jsonl")
     assert [v["winner"] for v in votes] == ["A", "B", "tie", "both_bad", "A", "both_bad", "B", "A"]
     for v, s in zip(votes, shown + [typed]):
-        assert (v["answer_a"], v["answer_b"]) == (s["a"], s["b"]) and arena.vote_to_pref(v) in (None, {
+        assert (v["answer_a"], v["answer_b"]) == (s["a"], s["b"]) and arena_votes.vote_to_pref(v) in (None, {
             "prompt": v["prompt"], "chosen": s["a" if v["winner"] == "A" else "b"],
             "rejected": s["b" if v["winner"] == "A" else "a"]})
-    assert lines(tmp_path / "votes" / "prefs.jsonl") == [arena.vote_to_pref(v) for v in votes if v["winner"] in "AB"]
+    assert lines(tmp_path / "votes" / "prefs.jsonl") == [arena_votes.vote_to_pref(v) for v in votes if v["winner"] in "AB"]
     assert f"A was {votes[6]['model_a']}, B was {votes[6]['model_b']}" in reveal and "votes" in board
     assert (tmp_path / "arena.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

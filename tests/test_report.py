@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ONE_THREAD, assert_user_error, run_cli
-from nanoalign import report
+from nanoalign import report, report_logs
 from nanoalign.cli import UserError
 
 PANEL_PX = (round(report.PANEL_IN[0] * report.DPI), round(report.PANEL_IN[1] * report.DPI))
@@ -108,28 +108,29 @@ def demo(tmp_path):
 def test_read_log_skips_a_truncated_last_line_and_nan_values_point_by_point(tmp_path):
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan"), "skipped": 1}, {"step": 3, "loss": 1.5}]
     path = write_log(str(tmp_path / "log.jsonl"), rows, tail='{"step": 4, "lo')
-    got = report.read_log(path)
+    got = report_logs.read_log(path)
     assert [r["step"] for r in got] == [1, 2, 3]
-    assert report.series(got, "loss") == ([1, 3], [2.0, 1.5])
-    assert report.series(got, "skipped") == ([2], [1.0])
+    assert report_logs.series(got, "loss") == ([1, 3], [2.0, 1.5])
+    assert report_logs.series(got, "skipped") == ([2], [1.0])
 
 
 def test_a_bad_line_before_the_last_is_a_file_line_error(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(UserError, match=r"log.jsonl:2: not a JSON line"):
-        report.read_log(str(path))
+        report_logs.read_log(str(path))
     path.write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
     with pytest.raises(UserError, match=r"log.jsonl:2: .*integer \"step\""):
-        report.read_log(str(path))
+        report_logs.read_log(str(path))
 
 
 def test_algorithm_is_read_from_the_logged_keys():
-    assert report.algorithm(sft_rows()) == "sft"
-    assert report.algorithm(pair_rows(1.0)) == "dpo"
-    assert report.algorithm([{"step": 1, "loss": 0.7, "accuracy": 0.5, "margin": 0.1, "reward_mean": 0.0}]) == "rm"
-    assert report.algorithm(ppo_rows(2, ["score", "kl"])) == "ppo"
-    assert report.algorithm([{"step": 1, "lr": 0.1}]) is None
+    assert report_logs.algorithm(sft_rows()) == "sft"
+    assert report_logs.algorithm(pair_rows(1.0)) == "dpo"
+    rm_row = {"step": 1, "loss": 0.7, "accuracy": 0.5, "margin": 0.1, "reward_mean": 0.0}
+    assert report_logs.algorithm([rm_row]) == "rm"
+    assert report_logs.algorithm(ppo_rows(2, ["score", "kl"])) == "ppo"
+    assert report_logs.algorithm([{"step": 1, "lr": 0.1}]) is None
 
 
 def test_overoptimization_series_from_a_hand_made_ppo_log():
@@ -138,22 +139,22 @@ def test_overoptimization_series_from_a_hand_made_ppo_log():
             {"step": 3, "kl": float("nan"), "score": 0.7, "gold": 0.35},  # a diverged step
             {"step": 4, "kl": 4.0, "score": 1.2, "gold": 0.30},
             {"step": 5, "kl": 9.0, "score": 1.5, "gold": None}]
-    assert report.overoptimization(rows) == ([0.0, 4.0], [-0.5, 1.2], [0.40, 0.30])
+    assert report_logs.overoptimization(rows) == ([0.0, 4.0], [-0.5, 1.2], [0.40, 0.30])
     gold_reward = [{"step": s, "kl": 0.1 * s, "score": 0.3 + 0.01 * s, "gold": 0.3 + 0.01 * s} for s in range(3)]
-    assert report.overoptimization(gold_reward) == ([], [], [])  # the reward IS the gold score: no proxy
-    assert report.overoptimization([{"step": 1, "loss": 1.0}]) == ([], [], [])
+    assert report_logs.overoptimization(gold_reward) == ([], [], [])  # the reward IS the gold score: no proxy
+    assert report_logs.overoptimization([{"step": 1, "loss": 1.0}]) == ([], [], [])
 
 
 def test_binned_means_are_sorted_by_kl():
-    xs, ys = report.binned([3.0, 1.0, 2.0, 5.0, 4.0], [30.0, 10.0, 20.0, 50.0, 40.0], k=2)
+    xs, ys = report_logs.binned([3.0, 1.0, 2.0, 5.0, 4.0], [30.0, 10.0, 20.0, 50.0, 40.0], k=2)
     assert xs == [1.5, 3.5, 5.0] and ys == [15.0, 35.0, 50.0]
 
 
 def test_win_stderr_and_result_bars_hand_worked():
-    assert report.win_stderr(2, 0, 2) == pytest.approx(math.sqrt(1 / 12))  # p = 1/2, var = 4 * 1/4 / 3
-    assert report.win_stderr(1, 2, 1) == pytest.approx(math.sqrt(1 / 24))  # var = (1/4 + 0 + 1/4) / 3
-    assert report.win_stderr(0, 5, 0) == 0.0
-    gold, wins, ref = report.result_bars(results_json())
+    assert report_logs.win_stderr(2, 0, 2) == pytest.approx(math.sqrt(1 / 12))  # p = 1/2, var = 4 * 1/4 / 3
+    assert report_logs.win_stderr(1, 2, 1) == pytest.approx(math.sqrt(1 / 24))  # var = (1/4 + 0 + 1/4) / 3
+    assert report_logs.win_stderr(0, 5, 0) == 0.0
+    gold, wins, ref = report_logs.result_bars(results_json())
     assert ref == "sft"  # evaluated on its own samples: KL 0, every prompt a tie
     assert [g[0] for g in gold] == ["base", "sft", "dpo", "ppo"] and gold[2][1:] == (0.50, 0.05)
     assert [w[0] for w in wins] == ["base", "dpo", "ppo"]
@@ -253,8 +254,9 @@ def test_the_core_never_imports_matplotlib(tmp_path):
     for path in shipped:
         assert "matplotlib" not in open(path).read(), path
     run = make_run(tmp_path / "sft", sft_rows(), 1)
-    code = (f"import sys; from nanoalign import report; rows = report.load_runs([{run!r}])[0].rows; "
-            "assert len(rows) == 4; assert 'matplotlib' not in sys.modules")
+    code = (f"import sys; from nanoalign import report, report_logs; "
+            f"rows = report_logs.load_runs([{run!r}])[0].rows; assert len(rows) == 4; "
+            "assert 'matplotlib' not in sys.modules")
     r = run_cli(["-c", code])  # reading and extracting the series needs no matplotlib
     assert r.returncode == 0, r.stderr
 
