@@ -38,9 +38,10 @@ class Config(loop.DatasetConfig):
     data: str = ""  # SFT JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} per line
     lr: float = 2e-5  # peak learning rate (LoRA usually wants ~2e-4)
     lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks
+    max_len: int = 512  # max tokens per conversation (a longer one: --truncate), and per packed row with --pack
     truncate: str = "drop"  # {drop, left}: rows over --max-len are dropped, or lose their oldest prompt tokens
     train_on_prompt: bool = False  # also train on the system/user tokens, not only on the assistant turns
-    pack: bool = False  # pack several conversations per row (of --max-len); attention and positions stay per row
+    pack: bool = False  # pack several conversations per row; attention and positions stay per conversation
 
 
 def batch_loss(model, batch, num_tokens, cfg, device):

@@ -33,7 +33,7 @@ class TrainConfig:
     lr: float = 5e-5  # peak learning rate
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     max_len: int = 512  # max tokens per row (prompt + response: the response's tail is cut; the prompt must fit)
-    seed: int = 0  # seeds the data order, LoRA init and dropout
+    seed: int = 0  # seeds every random draw: the data order (or the sampling), the LoRA init, dropout
     lora_rank: int = 16  # 0 = full fine-tune; > 0 = LoRA on every linear layer of the blocks (r 16, alpha 32: TRL)
     lora_alpha: float = 32.0  # LoRA scale alpha / rank
     nf4: bool = False  # QLoRA: freeze the base in 4-bit NF4 (needs --lora-rank)
@@ -60,7 +60,7 @@ class DatasetConfig(TrainConfig):
 
 
 POSITIVE = ("max_steps", "lr", "max_len", "log_every", "batch_size", "grad_accum")  # of the shared flags
-NON_NEGATIVE = ("grad_clip", "save_every", "warmup", "weight_decay", "eval_every")
+NON_NEGATIVE = ("grad_clip", "save_every", "lora_rank", "warmup", "weight_decay", "eval_every")
 
 
 class TrainingError(Exception):
@@ -115,7 +115,6 @@ def prepare_model(cfg: TrainConfig, device: str, score_head: bool = False):
     """Load --init (+ a reward head r(x, y) with score_head, unless it has one), NF4 base and LoRA optional (LoRA
     dropout 0 without a --lora-dropout flag: PPO); with --compile, the fused kernels of nanoalign.fast."""
     dropout = getattr(cfg, "lora_dropout", 0.0)
-    check(cfg.lora_rank >= 0, f"--lora-rank must be >= 0, got {cfg.lora_rank}")
     check(0 <= dropout < 1, f"--lora-dropout must be in [0, 1), got {dropout}")
     check(not cfg.nf4 or cfg.lora_rank > 0, "--nf4 needs --lora-rank > 0 (QLoRA trains adapters on a frozen 4-bit base)")
     model, tok = load(cfg.init, device)
