@@ -88,12 +88,11 @@ def longer_negative(plan: dict, chosen: str, rejected: str, broken, meta: dict) 
 
 
 def graded(plan: dict, meta: dict, rejected: str, p: float) -> tuple[str, str] | None:
-    """For a share p of the prompts with two constraints or more whose rejected answer breaks constraints (not a
-    misfire), a pair in which both answers fall short: chosen breaks one constraint, rejected that one and one more
-    (never a format that reject()'s answer kept: "format = good" stays a shortcut that fails).
-    Where chosen is always the demonstration, a reward model can rank by "looks like a demonstration"; a policy's
-    own samples, which PPO asks it to rank, rarely do, and there it ranks near chance. Drawn from a generator seeded
-    by the prompt, so every other row stays as it was."""
+    """For a share p of the prompts with two constraints or more whose rejected answer is not a misfire, a pair in
+    which both answers fall short: chosen breaks one constraint, rejected that one and one more, and neither breaks a
+    format the reject() answer kept ("format = good" must keep failing somewhere). Where chosen is always the
+    demonstration, a reward model may rank by "looks like a demonstration", and a policy's own samples, which PPO asks
+    it to rank, rarely look like one. Drawn from a generator seeded by the prompt: every other row stays as it was."""
     fams = [c["type"] for c in meta["constraints"]]
     rng = random.Random(f"graded/{meta['prompt']}")
     if len(fams) < 2 or unrequested(rejected, meta) or rng.random() >= p:

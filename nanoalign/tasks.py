@@ -150,7 +150,7 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
 
 
 def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200, longer_negatives: bool = False,
-         graded_pairs: float = 1.0) -> dict[str, int]:
+         graded_pairs: float = 0.0) -> dict[str, int]:
     """Write the six .jsonl files into `out` from `seed`; -> rows per file. longer_negatives and graded_pairs change
     only the pairs (answers.longer_negative, answers.graded)."""
     os.makedirs(out, exist_ok=True)
@@ -189,7 +189,7 @@ class MakeConfig:
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (unseen topics and keywords); as many in eval_prefs and paraphrase
     longer_negatives: bool = False  # a quarter of the rejected answers shorter than their chosen get a sentence more
-    graded_pairs: float = 1.0  # share of the eligible pairs whose chosen breaks one constraint, rejected one more
+    graded_pairs: float = 0.0  # share of eligible pairs made graded: chosen breaks one constraint, rejected one more
 
 
 def make_main(cfg: MakeConfig) -> dict[str, int]:
