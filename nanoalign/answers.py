@@ -51,11 +51,6 @@ def break_length(plan: dict, limit: dict, broken) -> list[str]:
     return next((b for b in tries if not check(limit, render(plan, b, broken))), tries[-1])
 
 
-def render_broken(plan: dict, meta: dict, broken) -> str:  # render(); a broken word limit adds or cuts sentences
-    limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
-    return render(plan, break_length(plan, limit, broken) if "word_limit" in broken else plan["body"], broken)
-
-
 # judge.FORMATS put on an answer: the counterfactual negatives below, and the rewrites nanoalign.probe shows an RM
 MISFIRES = {"quotes": lambda s: f'"{s}"', "json": lambda s: json.dumps({"answer": s}),
             "capitals": str.upper, "lowercase": str.lower,
@@ -87,28 +82,6 @@ def longer_negative(plan: dict, chosen: str, rejected: str, broken, meta: dict) 
         return text if text != chosen and score(text, meta) < 1 else None
 
 
-def graded(plan: dict, meta: dict, rejected: str, p: float) -> tuple[str, str] | None:
-    """For a share p of the prompts with two constraints or more whose rejected answer is not a misfire, a pair in
-    which both answers fall short: chosen breaks one constraint, rejected that one and one more, and neither breaks a
-    format the reject() answer kept ("format = good" must keep failing somewhere). Where chosen is always the
-    demonstration, a reward model may rank by "looks like a demonstration", and a policy's own samples, which PPO asks
-    it to rank, rarely look like one. Drawn from a generator seeded by the prompt: every other row stays as it was."""
-    fams = [c["type"] for c in meta["constraints"]]
-    rng = random.Random(f"graded/{meta['prompt']}")
-    if len(fams) < 2 or unrequested(rejected, meta) or rng.random() >= p:
-        return None
-    kept = {c["type"] for c in meta["constraints"] if c["type"] in FORMAT_FAMILIES and check(c, rejected)}
-    order = rng.sample([f for f in fams if f not in kept], len(fams) - len(kept))  # formats reject() kept stay
-    fails = lambda text: {c["type"] for c in meta["constraints"] if not check(c, text)}
-    for i, a in enumerate(order):
-        for b in order[i + 1:]:
-            chosen, worse = render_broken(plan, meta, {a}), render_broken(plan, meta, {a, b})
-            clean = not unrequested(chosen, meta) + unrequested(worse, meta)
-            if fails(chosen) == {a} and fails(worse) == {a, b} and clean:
-                return chosen, worse
-    return None
-
-
 def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool = False) -> str:
     """A plausible response that breaks one constraint, sometimes all; or a counterfactual: the demonstration in a
     format nobody asked for (misfire), or, in a third of the prompts that ask for a format, the format kept and other
@@ -120,8 +93,9 @@ def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool
     keep = FORMAT_FAMILIES.intersection(fams) if rng.random() < 1 / 3 else set()
     pool = [f for f in fams if f not in keep] or fams
     attempts = ([set(pool)] if rng.random() < 0.25 else []) + [{f} for f in rng.sample(pool, len(pool))] + [set(fams)]
+    limit = next((c for c in meta["constraints"] if c["type"] == "word_limit"), None)
     for broken in attempts:
-        text = render_broken(plan, meta, broken)
+        text = render(plan, break_length(plan, limit, broken) if "word_limit" in broken else plan["body"], broken)
         if text != chosen and score(text, meta) < 1:
             return (longer and longer_negative(plan, chosen, text, broken, meta)) or text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")

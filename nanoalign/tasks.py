@@ -6,13 +6,12 @@
 A prompt is a plain request about a topic plus one to three constraints a program can check ('Describe tea. Write
 your whole answer in lowercase letters. Include the word "calm".'), each in one of several wordings, before or after
 the request. `make` writes, from one seed, SFT demonstrations, off-policy preference pairs (chosen = the
-demonstration, rejected = it with constraints broken, or in a format nobody asked for; or, graded, chosen breaks one
-constraint and rejected that one and one more), PPO prompts, a held-out eval split whose topics and keywords are
-disjoint from training, and a paraphrase split: eval's topics and keywords in wordings that training never uses.
-`pairs` pairs the judge's best and worst of k samples per prompt from a model (UltraFeedback style). Each row
-carries its metadata ({"prompt", "constraints": [{"type": "keyword", "value": "calm"}, ...], "topic", "split",
-"id"}), so the judge needs nothing else. Simplifications: answers built from a small hand-written sentence bank, and
-the judge checks form, not truth (except for arithmetic).
+demonstration, rejected = it with constraints broken, or in a format nobody asked for), PPO prompts, a held-out eval
+split whose topics and keywords are disjoint from training, and a paraphrase split: eval's topics and keywords in
+wordings that training never uses. `pairs` pairs the judge's best and worst of k samples per prompt from a model
+(UltraFeedback style). Each row carries its metadata ({"prompt", "constraints": [{"type": "keyword", "value":
+"calm"}, ...], "topic", "split", "id"}), so the judge needs nothing else. Simplifications: answers built from a small
+hand-written sentence bank, and the judge checks form, not truth (except for arithmetic).
 """
 import dataclasses
 import json
@@ -22,7 +21,7 @@ import re
 import sys
 
 from . import cli
-from .answers import graded, misfire, reject, render
+from .answers import misfire, reject, render
 from .judge import FAMILIES, has_word, words
 
 USAGE = "python -m nanoalign.tasks {make,pairs} [--help] [flags]"
@@ -69,9 +68,8 @@ def _prompt(rng: random.Random, request: str, cons: list[dict], split: str) -> s
     return " ".join([request] + stated if rng.random() < 0.5 else stated + [request])
 
 
-def _text_task(rng: random.Random, split: str, longer: bool = False, graded_pairs: float = 0.0):
-    """(meta, demonstration, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to
-    resample. chosen is the demonstration except in answers.graded's pairs (a share graded_pairs of those eligible)."""
+def _text_task(rng: random.Random, split: str, longer: bool = False):
+    """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
     fams = []
     for f in rng.sample(TEXT_FAMILIES, len(TEXT_FAMILIES)):
@@ -113,8 +111,7 @@ def _text_task(rng: random.Random, split: str, longer: bool = False, graded_pair
         c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
                                                else max(5, wc // 5 * 5))
     meta = {"prompt": _prompt(rng, request, cons, split), "constraints": cons, "topic": topic, "split": split}
-    rejected = reject(rng, plan, meta, chosen, longer)
-    return meta, chosen, *(graded(plan, meta, rejected, graded_pairs) or (chosen, rejected))
+    return meta, chosen, reject(rng, plan, meta, chosen, longer)
 
 
 def _arithmetic_task(rng: random.Random, split: str):
@@ -129,16 +126,14 @@ def _arithmetic_task(rng: random.Random, split: str):
     meta = {"prompt": _prompt(rng, rng.choice(TEMPLATES[split]["compute"]).format(expr), cons, split),
             "constraints": cons, "topic": "arithmetic", "split": split}
     wrong = (f"The answer is {answer}.", f"{expr} = {answer}", str(answer + rng.choice((-2, -1, 1, 10))))
-    return meta, str(answer), str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
+    return meta, str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
 
 
-def sample_example(rng: random.Random, split: str, longer: bool = False,
-                   graded_pairs: float = 0.0) -> tuple[dict, str, str, str]:
-    """One task from `split` (train, eval, or paraphrase: eval's in other wordings): (meta, demonstration, chosen,
-    rejected)."""
+def sample_example(rng: random.Random, split: str, longer: bool = False) -> tuple[dict, str, str]:
+    """One task from `split` (train, eval, or paraphrase: eval's in other wordings): (meta, chosen, rejected)."""
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split)
-    while (out := _text_task(rng, split, longer, graded_pairs)) is None:
+    while (out := _text_task(rng, split, longer)) is None:
         pass
     return out
 
@@ -149,10 +144,9 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
     os.replace(path + ".tmp", path)
 
 
-def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200, longer_negatives: bool = False,
-         graded_pairs: float = 0.0) -> dict[str, int]:
-    """Write the six .jsonl files into `out` from `seed`; -> rows per file. longer_negatives and graded_pairs change
-    only the pairs (answers.longer_negative, answers.graded)."""
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
+         longer_negatives: bool = False) -> dict[str, int]:
+    """Write the six .jsonl files into `out` from `seed`; -> rows per file. longer_negatives: only rejected change."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -162,18 +156,18 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, demo, chosen, rejected = sample_example(rng, split, longer_negatives, graded_pairs)
+            meta, chosen, rejected = sample_example(rng, split, longer_negatives)
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
             rid, rest = f"{name}-{len(rows)}", {k: meta[k] for k in ("constraints", "topic", "split")}
             if name == "sft":
                 rows.append({"messages": [{"role": "user", "content": meta["prompt"]},
-                                          {"role": "assistant", "content": demo}], **rest, "id": rid})
+                                          {"role": "assistant", "content": chosen}], **rest, "id": rid})
             elif name in ("prefs", "eval_prefs"):  # eval_prefs: held-out pairs for RM / DPO accuracy
                 rows.append({"prompt": meta["prompt"], "chosen": chosen, "rejected": rejected, **rest, "id": rid})
             else:  # prompts for PPO; eval rows also keep the demonstration as a reference answer
-                rows.append({**meta, **({"reference": demo} if split != "train" else {}), "id": rid})
+                rows.append({**meta, **({"reference": chosen} if split != "train" else {}), "id": rid})
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
         counts[name] = len(rows)
     return counts
@@ -189,16 +183,13 @@ class MakeConfig:
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (unseen topics and keywords); as many in eval_prefs and paraphrase
     longer_negatives: bool = False  # a quarter of the rejected answers shorter than their chosen get a sentence more
-    graded_pairs: float = 0.0  # share of eligible pairs made graded: chosen breaks one constraint, rejected one more
 
 
 def make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(cfg.out != "", "--out is required")
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
-    cli.check_ranges(cfg, non_negative=("n_sft", "n_prefs", "n_prompts", "n_eval", "graded_pairs"))
-    cli.check(cfg.graded_pairs <= 1, "--graded-pairs must be <= 1 (a share of the pairs)")
-    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.longer_negatives,
-                  cfg.graded_pairs)
+    cli.check_ranges(cfg, non_negative=("n_sft", "n_prefs", "n_prompts", "n_eval"))
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.longer_negatives)
     print("\n".join(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}" for name, k in counts.items()))
     return counts
 
