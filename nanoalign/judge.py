@@ -92,13 +92,20 @@ def check(constraint: dict, response: str) -> bool:
 
 
 def is_degenerate(response: str, meta: dict) -> bool:
-    """Empty, under 3 words where prose is expected, the prompt repeated back, or one phrase looped."""
+    """Empty, under 3 words where prose is expected (the required start and end phrases not counted: an answer that
+    is only "Hope this helps." would get the avoid, no-commas and word-limit constraints free), the prompt repeated
+    back, a sentence said twice, or one phrase looped (repetition: Holtzman et al. 2020)."""
     p = meta.get("prompt") or meta.get("messages") or ""  # a string, or the messages a reader turned it into
     p = p if isinstance(p, str) else " ".join(m["content"] for m in p if m.get("role") == "user")
     ws, prompt = [w.lower() for w in words(response)], " ".join(w.lower() for w in words(p))
     prose = not {c["type"] for c in meta["constraints"]} & {"arithmetic", "json"}
-    return (not response.strip() or (prose and len(ws) < 3)
-            or (prompt != "" and f" {prompt} " in f" {' '.join(ws)} ")
+    said = response
+    for c in (c for c in meta["constraints"] if c["type"] in ("start", "end")):
+        said = re.sub(re.escape(c["value"]), " ", said, count=1, flags=re.IGNORECASE)
+    sentences = [" ".join(words(x)).lower() for x in re.split(r"[.!?][\"”'}]*\s+", response)]
+    sentences = [x for x in sentences if x.count(" ") >= 2]  # 3 words or more
+    return (not response.strip() or (prose and len(words(said)) < 3)
+            or (prompt != "" and f" {prompt} " in f" {' '.join(ws)} ") or len(set(sentences)) < len(sentences)
             or (len(ws) >= 12 and len(set(ws)) < 0.3 * len(ws)))
 
 

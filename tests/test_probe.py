@@ -26,7 +26,7 @@ def test_probe_hand_worked():
     assert res["bullets"] == {"n": 2, "rm_shift": -0.5, "rm_up": 0.0, "gold_shift": -0.75}
     for case in ("capitals", "lowercase"):  # "CALM" still counts as the word; the case is the one failure
         assert res[case]["n"] == 2 and res[case]["gold_shift"] == -0.5
-    assert res["said twice"] == {"n": 2, "rm_shift": 0.0, "rm_up": 0.0, "gold_shift": 0.0}
+    assert res["said twice"] == {"n": 2, "rm_shift": 0.0, "rm_up": 0.0, "gold_shift": -1.0}  # degenerate: 1 -> 0
     assert res["no EOS"] == {"n": 2, "rm_shift": 10.0, "rm_up": 1.0, "gold_shift": 0.0}  # the judge sees the same text
     assert probe.probe(lambda rows, texts, open_end: [0.0] * len(texts), ROWS[2:]) == {}  # nothing eligible
 
