@@ -99,3 +99,15 @@ def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool
         if text != chosen and score(text, meta) < 1:
             return (longer and longer_negative(plan, chosen, text, broken, meta)) or text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")
+
+
+def shortcut(meta: dict, chosen: str, rejected: str, p: float = 0.1) -> str:
+    """In p of the prompts each, the rejected answer is instead the demonstration said twice, or only the start and end
+    phrases the prompt asks for. The judge scores both 0 (degenerate); a reward model that never sees them rejected may
+    pay for the length of one and for the constraints the other meets by saying nothing (avoid, no commas, a word limit
+    at most), and PPO finds both. Seeded by the prompt: the other rows stay as they are."""
+    u, phrases = random.Random(meta["prompt"]).random(), [c["value"] for c in meta["constraints"]
+                                                           if c["type"] in ("start", "end")]
+    if u < p:
+        return chosen + ("\n" if "\n" in chosen else " ") + chosen
+    return " ".join(phrases) if u < 2 * p and phrases else rejected

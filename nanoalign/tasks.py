@@ -21,7 +21,7 @@ import re
 import sys
 
 from . import cli
-from .answers import misfire, reject, render
+from .answers import misfire, reject, render, shortcut
 from .judge import FAMILIES, has_word, words
 
 USAGE = "python -m nanoalign.tasks {make,pairs} [--help] [flags]"
@@ -111,7 +111,7 @@ def _text_task(rng: random.Random, split: str, longer: bool = False):
         c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
                                                else max(5, wc // 5 * 5))
     meta = {"prompt": _prompt(rng, request, cons, split), "constraints": cons, "topic": topic, "split": split}
-    return meta, chosen, reject(rng, plan, meta, chosen, longer)
+    return meta, chosen, shortcut(meta, chosen, reject(rng, plan, meta, chosen, longer))
 
 
 def _arithmetic_task(rng: random.Random, split: str):

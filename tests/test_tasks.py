@@ -121,6 +121,15 @@ def test_degenerate_responses_score_zero():
     assert score('{"a": 1}', meta(c("json", "a"))) == 1.0
     assert score("7", meta(c("arithmetic", 7), prompt="What is 3 + 4?")) == 1.0
     assert score(" ", meta(c("arithmetic", 7), prompt="What is 3 + 4?")) == 0.0
+    # the required phrases are not an answer: alone they would get avoid, no_commas and word_limit at_most free
+    m = meta(c("start", "Sure thing."), c("end", "Hope this helps."), c("avoid", "coffee"), c("no_commas"))
+    assert score("Sure thing. Hope this helps.", m) == 0.0
+    assert score('"Hope this helps."', m) == 0.0  # the end phrase alone, quoted: 3 words, but none of its own
+    assert score("sure thing. tea rocks. hope this helps.", m) == 0.0  # 2 words of its own; any case
+    assert score("Sure thing. Tea is warm. Hope this helps.", m) == 1.0
+    assert score("Sure thing. Tea is warm. Hope this helps. Sure thing. Tea is warm. Hope this helps.", m) == 0.0
+    assert score("Tea is warm. Green tea is warm. Tea is warm!", m) == 0.0  # a sentence said twice, any ending
+    assert score("Tea is warm. Tea is warm and calm. Tea is.", meta(c("no_commas"))) == 1.0  # alike is not the same
     # prompts given as message lists (as data.read_prefs returns them) are handled too
     assert score("Describe tea.", {"prompt": [{"role": "user", "content": "Describe tea."}],
                                    "constraints": [c("no_commas")]}) == 0.0
@@ -272,6 +281,20 @@ def test_counterfactual_negatives_by_default(made):
     assert len(kept) / len(formats) > 0.3
 
 
+def test_said_twice_and_the_phrases_alone_are_rejected_in_a_tenth_of_the_prompts_each(made):
+    _, f = made
+    text = [r for r in f["prefs"] if r["topic"] != "arithmetic"]
+    twice = [r for r in text if r["rejected"] in (r["chosen"] + " " + r["chosen"], r["chosen"] + "\n" + r["chosen"])]
+    phrases = lambda r: [x["value"] for x in r["constraints"] if x["type"] in ("start", "end")]
+    with_phrases = [r for r in text if phrases(r)]
+    alone = [r for r in with_phrases if r["rejected"] == " ".join(phrases(r))]
+    assert 0.07 < len(twice) / len(text) < 0.13 and 0.05 < len(alone) / len(with_phrases) < 0.15
+    assert all(score(r["rejected"], r) == 0.0 for r in twice + alone)  # degenerate to the judge; chosen scores 1
+    m = {"prompt": "Describe tea.", "constraints": [{"type": "start", "value": "Sure."}, {"type": "no_commas"}]}
+    assert answers.shortcut(m, "- Tea.\n- Warm.", "x", p=1.0) == "- Tea.\n- Warm.\n- Tea.\n- Warm."  # bullets: a new line
+    assert answers.shortcut(m, "Sure. Tea is warm.", "x", p=0.0) == "x"
+
+
 def test_longer_negatives_change_some_rejected_answers_only(made, tmp_path):
     d, f = made
     tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--longer-negatives"])
@@ -288,9 +311,8 @@ def test_longer_negatives_change_some_rejected_answers_only(made, tmp_path):
         d = [len(judge.words(r["chosen"])) - len(judge.words(r["rejected"])) for r in rows]
         return sum(x > 0 for x in d) / len(d), sum(x < 0 for x in d) / len(d)
     more, fewer = longer_shorter(f["prefs"])
-    assert more - fewer > 0.08  # the default data: chosen is more often the longer one
-    more, fewer = longer_shorter(longer)
-    assert abs(more - fewer) < 0.08
+    more_l, fewer_l = longer_shorter(longer)
+    assert 0 < more - fewer and more_l - fewer_l < more - fewer - 0.02  # chosen is the longer one less often
 
 
 @pytest.mark.parametrize("argv, needle", [
