@@ -106,8 +106,8 @@ def shortcut(meta: dict, chosen: str, rejected: str, p: float = 0.1) -> str:
     phrases the prompt asks for. The judge scores both 0 (degenerate); a reward model that never sees them rejected may
     pay for the length of one and for the constraints the other meets by saying nothing (avoid, no commas, a word limit
     at most), and PPO finds both. Seeded by the prompt: the other rows stay as they are."""
-    u, phrases = random.Random(meta["prompt"]).random(), [c["value"] for c in meta["constraints"]
-                                                           if c["type"] in ("start", "end")]
+    u = random.Random(meta["prompt"]).random()
+    phrases = [c["value"] for c in meta["constraints"] if c["type"] in ("start", "end")]
     if u < p:
         return chosen + ("\n" if "\n" in chosen else " ") + chosen
     return " ".join(phrases) if u < 2 * p and phrases else rejected

@@ -6,12 +6,13 @@
 A prompt is a plain request about a topic plus one to three constraints a program can check ('Describe tea. Write
 your whole answer in lowercase letters. Include the word "calm".'), each in one of several wordings, before or after
 the request. `make` writes, from one seed, SFT demonstrations, off-policy preference pairs (chosen = the
-demonstration, rejected = it with constraints broken, or in a format nobody asked for), PPO prompts, a held-out eval
-split whose topics and keywords are disjoint from training, and a paraphrase split: eval's topics and keywords in
-wordings that training never uses. `pairs` pairs the judge's best and worst of k samples per prompt from a model
-(UltraFeedback style). Each row carries its metadata ({"prompt", "constraints": [{"type": "keyword", "value":
-"calm"}, ...], "topic", "split", "id"}), so the judge needs nothing else. Simplifications: answers built from a small
-hand-written sentence bank, and the judge checks form, not truth (except for arithmetic).
+demonstration, rejected = it with constraints broken, in a format nobody asked for, said twice, or only its required
+phrases), PPO prompts, a held-out eval split whose topics and keywords are disjoint from training, and a paraphrase
+split: eval's topics and keywords in wordings that training never uses. `pairs` pairs the judge's best and worst
+of k samples per prompt from a model (UltraFeedback style). Each row carries its metadata ({"prompt", "constraints":
+[{"type": "keyword", "value": "calm"}, ...], "topic", "split", "id"}), so the judge needs nothing else.
+Simplifications: answers built from a small hand-written sentence bank, and the judge checks form, not truth (except
+for arithmetic).
 """
 import dataclasses
 import json
