@@ -59,14 +59,14 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=F
 
 
 @torch.no_grad()
-def rm_scores(rm, tok, prompts, texts, batch_size=16, open_end=False) -> list[float]:
+def rm_scores(rm, tok, prompts, texts, batch_size=16) -> list[float]:
     """Reward-model score of each (prompt, response), read at the closing <|im_end|>, where the RM was trained to
-    read it (open_end: at the response's last token, as if it had been cut before its EOS)."""
+    read it."""
     device, seqs, out = next(rm.parameters()).device, [], []
     for p, t in zip(prompts, texts):
         ids, mask = tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])
         end = max(j for j, m in enumerate(mask) if m)  # the closing <|im_end|>
-        seqs.append(ids[:end + (not open_end)])
+        seqs.append(ids[:end + 1])
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
         att = pad([[1] * len(s) for s in chunk], 0).to(device)

@@ -4,10 +4,10 @@
 
 Each probe rewrites the reference answer of every held-out prompt whose constraints do not involve what it changes:
 in each format the gold judge counts as unrequested (judge.FORMATS: quoted, as bullets, in capitals, wrapped in JSON,
-in lowercase), said twice, or cut before its closing EOS. It reports the mean change of the RM score, the fraction of
-prompts where it went up, and the same change for the gold judge, which scores every format rewrite lower. A probe
-the RM rewards is a direction PPO can climb without getting better: where reward hacking starts (Gao et al. 2022).
-"no EOS" reads the RM where a response cut at the cap ends.
+in lowercase), said twice, or cut in half. It reports the mean change of the RM score, the fraction of prompts where
+it went up, and the same change for the gold judge, which scores every format rewrite lower. A probe the RM rewards
+is a direction PPO can climb without getting better: where reward hacking starts (Gao et al. 2022). Every answer is
+read at its closing EOS, as PPO reads a response cut off at its token cap (train_ppo.py closes it with an EOS).
 """
 import os
 from dataclasses import dataclass
@@ -20,24 +20,24 @@ from .evaluate import load_rm, rm_accuracy, rm_scores
 from .judge import FORMATS, check_rows
 from .judge import score as gold_score
 
-# name -> (rewrite of the text, the constraint families that make a prompt ineligible, RM reads without the EOS)
-PROBES = {**{f: (MISFIRES[f], FORMATS[f][1], False) for f in MISFIRES},
-          "said twice": (lambda s: s + " " + s, {"word_limit"}, False), "no EOS": (lambda s: s, set(), True)}
+# name -> (rewrite of the text, the constraint families that make a prompt ineligible)
+PROBES = {**{f: (MISFIRES[f], FORMATS[f][1]) for f in MISFIRES}, "said twice": (lambda s: s + " " + s, {"word_limit"}),
+          "cut in half": (lambda s: " ".join(s.split(" ")[:len(s.split(" ")) // 2]), set())}
 
 
 def probe(score_fn, rows: list[dict]) -> dict:
-    """score_fn(rows, texts, open_end) -> RM scores; rows: eval rows with "prompt", "constraints", "reference".
+    """score_fn(rows, texts) -> RM scores; rows: eval rows with "prompt", "constraints", "reference".
     -> {probe: {"n", "rm_shift", "rm_up", "gold_shift"}} over the eligible prompts (arithmetic ones never are)."""
     rows = [r for r in rows if "arithmetic" not in {c["type"] for c in r["constraints"]}]
-    base = score_fn(rows, [r["reference"] for r in rows], False) if rows else []
+    base = score_fn(rows, [r["reference"] for r in rows]) if rows else []
     out = {}
-    for name, (rewrite, skip, open_end) in PROBES.items():
+    for name, (rewrite, skip) in PROBES.items():
         keep = [i for i, r in enumerate(rows) if not {c["type"] for c in r["constraints"]} & skip]
         if not keep:
             continue
         rs = [rows[i] for i in keep]
         plain, new = [r["reference"] for r in rs], [rewrite(r["reference"]) for r in rs]
-        d = [b - base[i] for i, b in zip(keep, score_fn(rs, new, open_end))]
+        d = [b - base[i] for i, b in zip(keep, score_fn(rs, new))]
         g = [gold_score(b, r) - gold_score(a, r) for a, b, r in zip(plain, new, rs)]
         out[name] = {"n": len(rs), "rm_shift": sum(d) / len(d), "rm_up": sum(x > 0 for x in d) / len(d),
                      "gold_shift": sum(g) / len(g)}
@@ -63,8 +63,7 @@ def main(cfg: Config) -> dict:
     check(missing is None, f"{cfg.prompts}:{missing and missing.get('line')}: no \"reference\" answer to rewrite")
     prefs = read_prefs(cfg.prefs, "--prefs") if cfg.prefs else None
     rm, tok = load_rm(cfg.rm, cfg.device)
-    res = probe(lambda rs, texts, open_end: rm_scores(rm, tok, [r["prompt"] for r in rs], texts, open_end=open_end),
-                rows)
+    res = probe(lambda rs, texts: rm_scores(rm, tok, [r["prompt"] for r in rs], texts), rows)
     print("| rewrite (not asked for) | prompts | RM score change | RM score up | gold change |\n|---|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['n']} | {r['rm_shift']:+.2f} | {r['rm_up']:.2f} | {r['gold_shift']:+.2f} |")

@@ -14,8 +14,8 @@ ROWS = [{"prompt": 'Describe tea. Include the word "calm".', "constraints": [{"t
 
 
 def test_probe_hand_worked():
-    # a fake RM: +1 for a leading double quote, +10 when read without the closing EOS
-    res = probe.probe(lambda rows, texts, open_end: [float(t.startswith('"')) + 10 * open_end for t in texts], ROWS)
+    # a fake RM: +1 for a leading double quote, +10 for an answer under 6 characters
+    res = probe.probe(lambda rows, texts: [float(t.startswith('"')) + 10 * (len(t) < 6) for t in texts], ROWS)
     # quotes: only the keyword prompt is eligible (the other asks for quotes; arithmetic never counts). It still says
     # "calm", but the quotes nobody asked for are a second constraint failed: 1/2
     assert res["quotes"] == {"n": 1, "rm_shift": 1.0, "rm_up": 1.0, "gold_shift": -0.5}
@@ -27,8 +27,10 @@ def test_probe_hand_worked():
     for case in ("capitals", "lowercase"):  # "CALM" still counts as the word; the case is the one failure
         assert res[case]["n"] == 2 and res[case]["gold_shift"] == -0.5
     assert res["said twice"] == {"n": 2, "rm_shift": 0.0, "rm_up": 0.0, "gold_shift": -1.0}  # degenerate: 1 -> 0
-    assert res["no EOS"] == {"n": 2, "rm_shift": 10.0, "rm_up": 1.0, "gold_shift": 0.0}  # the judge sees the same text
-    assert probe.probe(lambda rows, texts, open_end: [0.0] * len(texts), ROWS[2:]) == {}  # nothing eligible
+    # cut in half: "Tea is calm." -> "Tea" and '"Tea is hot."' -> '"Tea' (still quoted): short (+10), and one word
+    # of prose is degenerate: 1 -> 0
+    assert res["cut in half"] == {"n": 2, "rm_shift": 10.0, "rm_up": 1.0, "gold_shift": -1.0}
+    assert probe.probe(lambda rows, texts: [0.0] * len(texts), ROWS[2:]) == {}  # nothing eligible
 
 
 def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
@@ -38,7 +40,7 @@ def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
                  "--out", str(out)])
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert set(res) == set(probe.PROBES) and "| no EOS |" in r.stdout
+    assert set(res) == set(probe.PROBES) and "| cut in half |" in r.stdout
     rows = [json.loads(l) for l in open(tmp_path / "eval.jsonl")]
     rows = [x for x in rows if {c["type"] for c in x["constraints"]}.isdisjoint({"arithmetic", "quotes"})]
     rm, tok = hub.load(str(rm_dir))
@@ -52,17 +54,20 @@ def test_probe_cli_matches_direct_rm_scores(tmp_path, rm_dir):
     assert res["quotes"]["gold_shift"] == pytest.approx(sum(gold) / len(rows))
     assert max(gold) < 0  # unrequested quotes always cost gold
     every = [x for x in (json.loads(l) for l in open(tmp_path / "eval.jsonl"))
-             if "arithmetic" not in {c["type"] for c in x["constraints"]}]  # "no EOS" is eligible everywhere else
+             if "arithmetic" not in {c["type"] for c in x["constraints"]}]  # "cut in half" is eligible everywhere else
     for name in judge.FORMATS:  # every format probe is exactly a format the judge counts as unrequested
         assert res[name]["n"] > 0 and res[name]["gold_shift"] < 0, name
-        rewrite, skip, _ = probe.PROBES[name]
+        rewrite, skip = probe.PROBES[name]
         for x in (x for x in every if not {c["type"] for c in x["constraints"]} & skip):
             assert name in judge.unrequested(rewrite(x["reference"]), x), (name, x)
-    rm_all, rm_all_cut = (evaluate.rm_scores(rm, tok, [x["prompt"] for x in every], [x["reference"] for x in every],
-                                             open_end=o) for o in (False, True))
-    assert res["no EOS"] == pytest.approx({"n": len(every), "rm_shift": sum(c - p for p, c in zip(rm_all, rm_all_cut))
-                                           / len(every), "rm_up": sum(c > p for p, c in zip(rm_all, rm_all_cut)) /
-                                           len(every), "gold_shift": 0.0}, abs=1e-5)
+    refs = [x["reference"] for x in every]
+    halves = [" ".join(t.split(" ")[:len(t.split(" ")) // 2]) for t in refs]  # read closed, as PPO reads a cut answer
+    rm_all, rm_cut = (evaluate.rm_scores(rm, tok, [x["prompt"] for x in every], t) for t in (refs, halves))
+    gold = [judge.score(h, x) - judge.score(t, x) for t, h, x in zip(refs, halves, every)]
+    assert res["cut in half"] == pytest.approx({"n": len(every), "rm_shift": sum(c - p for p, c in zip(rm_all, rm_cut))
+                                                / len(every), "rm_up": sum(c > p for p, c in zip(rm_all, rm_cut)) /
+                                                len(every), "gold_shift": sum(gold) / len(every)}, abs=1e-5)
+    assert res["cut in half"]["gold_shift"] < 0  # a cut answer loses its end phrase, keyword, bullets or JSON
 
 
 def test_probe_needs_reference_answers(tmp_path, rm_dir):
