@@ -236,6 +236,17 @@ def test_make_is_deterministic_per_seed(tmp_path):
     assert len(read(tmp_path / "a", "prefs")) == 150
 
 
+def test_more_eval_rows_extend_the_held_out_files_and_keep_their_first_rows(made, tmp_path):
+    # `make transfer` scores the demo's models on a longer paraphrase file whose first rows are the demo's own
+    d, f = made
+    tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--n-eval", "260"])
+    for n in ("eval", "eval_prefs", "paraphrase"):
+        longer, short = read(tmp_path, n), read(d, n)
+        assert len(longer) == 260 and longer[:len(short)] == short, n
+    assert len({r["prompt"] for r in read(tmp_path, "paraphrase")}) == 260
+    assert (tmp_path / "sft.jsonl").read_bytes() == (d / "sft.jsonl").read_bytes()
+
+
 def literal(template):  # the longest fixed piece of a template: what any prompt worded by it must contain
     return max(re.split(r"\{\}", template), key=len)
 
