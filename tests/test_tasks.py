@@ -238,7 +238,7 @@ def test_make_is_deterministic_per_seed(tmp_path):
 
 def test_more_eval_rows_extend_the_held_out_files_and_keep_their_first_rows(made, tmp_path):
     # `make transfer` scores the demo's models on a longer paraphrase file whose first rows are the demo's own
-    d, f = made
+    d, _ = made
     tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--n-eval", "260"])
     for n in ("eval", "eval_prefs", "paraphrase"):
         longer, short = read(tmp_path, n), read(d, n)
