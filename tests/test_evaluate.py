@@ -102,6 +102,9 @@ def test_kl_forwards_under_bf16_autocast_stay_near_fp32(suite):
     tokens = sum(n)
     _, k1 = exact_kl_and_k1(policy, ref, samples, 0.7)  # unbatched, unpadded: the batched fp32 path must match it
     assert (sum(lp32) - sum(rl32)) / tokens == pytest.approx(sum(k1) / tokens, abs=1e-5)
+    one = [evaluate.response_logprobs(policy, [s], tok.pad_id, 0.7)[0] for s in samples]  # no padding, no sorting
+    assert len({len(s[0]) + len(s[1]) for s in samples}) > 1 and lp32 == pytest.approx(one, abs=1e-4)  # in its place
+    assert evaluate.response_logprobs(policy, samples, tok.pad_id, 0.7, batch_size=3) == pytest.approx(one, abs=1e-4)
     assert lp16 != lp32  # the trunk did run in bf16
     assert max(abs(a - b) / c for a, b, c in zip(lp16, lp32, n)) < 0.02  # nats per token, per response
     kl32, kl16 = ((sum(p) - sum(r)) / tokens for p, r in ((lp32, rl32), (lp16, rl16)))
