@@ -45,21 +45,18 @@ def sample(model, tok, prompts, n=1, temperature=0.7, max_new_tokens=96, seed=0,
 
 @torch.no_grad()
 def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=False) -> list[float]:
-    """log π(y|x) of each sample's response at the sampling temperature, in the order of `samples`. bf16: the trunk
-    under bf16 autocast; the lm_head and its log-softmax stay fp32 (logprobs.logprobs_chunked). Batches are cut
-    from the samples sorted by length, so that a short one is not padded to the longest of the whole list."""
-    device, out = next(model.parameters()).device, [0.0] * len(samples)
+    """log π(y|x) of each sample's response at the sampling temperature, batched by length (less padding). bf16:
+    the trunk under bf16 autocast; the lm_head and its log-softmax stay fp32 (logprobs.logprobs_chunked)."""
+    device, out = next(model.parameters()).device, {}
     order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]) + len(samples[i][1]))
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        chunk = [samples[j] for j in idx]
+        chunk = [samples[j] for j in order[i:i + batch_size]]
         ids = pad([p + r for p, r, _, _ in chunk], pad_id).to(device)  # (B, T)
         att = pad([[1] * (len(p) + len(r)) for p, r, _, _ in chunk], 0).to(device)
         resp = pad([[0] * len(p) + [1] * len(r) for p, r, _, _ in chunk], 0).to(device)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            for j, lp in zip(idx, sequence_logprobs(model, ids, att, resp, temperature).tolist()):
-                out[j] = lp
-    return out
+            out.update(zip(order[i:i + batch_size], sequence_logprobs(model, ids, att, resp, temperature).tolist()))
+    return [out[j] for j in range(len(samples))]
 
 
 @torch.no_grad()
