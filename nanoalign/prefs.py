@@ -37,8 +37,10 @@ def tokenize_prefs(tok, rows: list[dict], max_len: int, path: str = "data", verb
         e["prompt"] = p = tok.render_prompt(r["prompt"])
         for k in ("chosen", "rejected") if "chosen" in r else ("completion",):
             ids, mask = tok.render_chat(r["prompt"] + r[k])
+            if ids[:len(p)] != p:  # a response that opens with spaces: BPE merges them with the header's "\n"
+                ids, mask = tok.render_chat(r["prompt"] + r[k], apart=True)
             check(ids[:len(p)] == p, f"{path}:{r.get('line')}: the rendered prompt is not a prefix of the rendered "
-                  "conversation")  # cannot happen with ChatML specials; guards a tokenizer that merges across turns
+                  "conversation")
             end = max(i for i, m in enumerate(mask) if m) + 1  # just past the last <|im_end|> in the loss
             e[k], e[k + "_mask"] = ids[len(p):end], mask[len(p):end]
         if len(e["prompt"]) >= max_len:

@@ -100,18 +100,23 @@ class Tokenizer:
                 out.append((" " + m["content"].strip() + self.end, True))
         return out
 
-    def _render(self, messages, generation: bool):
-        """-> (ids, mask): the pieces joined and tokenized at once; a token is a target if it starts in a target."""
+    def _render(self, messages, generation: bool, apart: bool = False):
+        """-> (ids, mask): the pieces joined and tokenized at once; a token is a target if it starts in a target.
+        apart: each piece tokenized on its own, as a sampled response follows its prompt's ids."""
+        pieces = getattr(self, "_" + self.family)(messages, generation)
+        if apart:
+            ids = [self.encode(piece) for piece, _ in pieces]
+            return sum(ids, []), [int(t) for e, (_, t) in zip(ids, pieces) for _ in e]
         text, spans = "", []
-        for piece, target in getattr(self, "_" + self.family)(messages, generation):
+        for piece, target in pieces:
             spans += [(len(text), len(text) + len(piece))] * target
             text += piece
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(a <= s < b for a, b in spans)) for s, _ in enc.offsets]
 
-    def render_chat(self, messages) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages, apart: bool = False) -> tuple[list[int], list[int]]:
         """Whole conversation -> (ids, mask); mask is 1 on assistant content and its end-of-turn token."""
-        return self._render(messages, generation=False)
+        return self._render(messages, generation=False, apart=apart)
 
     def render_prompt(self, messages) -> list[int]:
         """Conversation so far + the assistant's header: what generation continues from. A string is one user turn."""

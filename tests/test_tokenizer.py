@@ -283,6 +283,22 @@ def test_smollm2_chat_template_token_strings_by_hand(smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_prefs_response_opening_with_spaces_is_tokenized_apart_from_its_prompt(smollm2):
+    """A sampled response can open with spaces; tokenized at once with its prompt, BPE merges them with the
+    assistant header's newline ("Ċ" + "ĠĠ" -> "ĊĠĠ"), and the prompt's ids are no longer a prefix."""
+    from nanoalign.prefs import tokenize_prefs
+    _, tok = smollm2
+    user, reply = [{"role": "user", "content": "Hi"}], lambda t: [{"role": "assistant", "content": t}]
+    row = {"prompt": user, "chosen": reply("   Stars shine."), "rejected": reply("Stars shine.")}
+    p = tok.render_prompt(user)
+    whole, _ = tok.render_chat(user + row["chosen"])
+    assert whole[:len(p)] != p and tok.tok.id_to_token(whole[len(p) - 1]).startswith("ĊĠ")
+    e = tokenize_prefs(tok, [row], 64)[0]
+    assert e["prompt"] == p and e["chosen"] == tok.encode("   Stars shine.") + [tok.eos_id] and all(e["chosen_mask"])
+    assert p + e["rejected"] == tok.render_chat(user + row["rejected"])[0][:-1]  # the usual path: at once, no "\n"
+
+
+@pytest.mark.slow
 def test_smollm2_inserts_default_system_prompt_once(smollm2):
     _, tok = smollm2
     ids, mask = tok.render_chat(MULTI)
