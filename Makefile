@@ -97,8 +97,8 @@ transfer: $(STAMP)
 # seed), the gold judge keeps the best and the worst, and an RM trains on those and about as many off-policy pairs
 # (ON_OFF: their counterfactuals keep it from paying for unrequested formats, as one on on-policy pairs alone does);
 # then the probe and make transfer's on-policy pairs. About 25 minutes on 2 cores, most of it sampling: too long
-# for the demo. On the eval split's held-out topics the mix ranks samples better than the demo's RM, near 75% at
-# best; one on such pairs alone clears it, but pays for formats (docs/transfer.md).
+# for the demo. On the eval split's held-out topics the mix ranks samples better than the demo's RM, but short of
+# 75% (0.62-0.71 over three seeds); one on such pairs alone clears it, but pays for formats (docs/transfer.md).
 ON_PROMPTS ?= 1536
 ON_OFF     ?= 1000
 ON_STEPS   ?= 240
