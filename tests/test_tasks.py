@@ -367,6 +367,19 @@ def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
         {"prompt": msgs, "chosen": "g", "rejected": "h", "topic": "x", "chosen_score": 1.0, "rejected_score": 0.25}]
 
 
+
+def test_all_pairs_are_every_non_tied_pair_of_distinct_texts_best_first():
+    rows = [{"prompt": f"p{i}", "line": i + 1} for i in range(4)]
+    texts = ["a", "b", "c", "d", "e", "f", "g", "h", "g", "y", "y", "y"]
+    scores = [0.5, 1.0, 0.0, 0.5, 0.5, 0.5, 1.0, 0.25, 1.0, 0.2, 0.1, 0.2]
+    pairs, stats = best_vs_worst(rows, texts, scores, k=3, all_pairs=True)
+    assert stats == {"pairs": 4, "ties": 2, "flipped": 0, "prompts": 4}  # p1: all 0.5; p3: one text
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["chosen_score"], p["rejected_score"]) for p in pairs] == [
+        ("p0", "b", "a", 1.0, 0.5), ("p0", "b", "c", 1.0, 0.0), ("p0", "a", "c", 0.5, 0.0),
+        ("p2", "g", "h", 1.0, 0.25)]  # p2's second "g" is the same text: one pair, not two
+    ends = best_vs_worst(rows, texts, scores, k=3)[0]
+    assert [(p["chosen"], p["rejected"]) for p in ends] == [("b", "c"), ("g", "h")]  # best vs worst is a subset
+
 def noisy_flips(T, seed=0, n=2000):
     rows = [{"prompt": f"p{i}"} for i in range(n)]
     pairs, stats = best_vs_worst(rows, ["good", "bad"] * n, [1.0, 0.0] * n, 2, label_noise=T, seed=seed)
@@ -408,6 +421,12 @@ def test_pairs_cli_with_gold_judge(tmp_path, monkeypatch, capsys):
         assert score(r["chosen"], r) == r["chosen_score"] > score(r["rejected"], r) == r["rejected_score"]
         drawn = [score(s[2], r) for s in stub_sample(0, 0, [r["prompt"]], 6)]  # the same draw (seed 0)
         assert (r["chosen_score"], r["rejected_score"]) == (max(drawn), min(drawn))
+    stats = tasks.main(["pairs", "--model", "tiny", "--prompts", str(prompts), "--k", "6", "--all-pairs", "--out",
+                        str(out)])  # tea drew all three answers, ice two, milk one: 3 + 1 pairs
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["pairs"] == 4 and stats["ties"] == 1
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("tea", GOOD, HALF), ("tea", GOOD, BAD), ("tea", HALF, BAD), ("ice", HALF, BAD)]
 
 
 def test_pairs_on_tiny_model_with_rm_judge_are_deterministic_per_seed(made, rm_dir, tmp_path):
