@@ -94,21 +94,20 @@ transfer: $(STAMP)
 # An RM that also learns from on-policy pairs. The demo's RM sees only off-policy pairs, in which the chosen answer
 # is a clean demonstration, and ranks two of its SFT's own samples little better than a coin (make transfer). Here the
 # demo's SFT samples 4 answers to each of ON_PROMPTS training prompts (the demo's 512 first, then more from the same
-# seed), the gold judge keeps the best and the worst, and an RM trains on those and about as many off-policy pairs
-# (ON_OFF: their counterfactuals keep it from paying for unrequested formats, as one on on-policy pairs alone does);
-# then the probe and make transfer's on-policy pairs. About 25 minutes on 2 cores, most of it sampling: too long
-# for the demo. On the eval split's held-out topics the mix ranks samples better than the demo's RM, but short of
-# 75% (0.62-0.71 over three seeds); one on such pairs alone clears it, but pays for formats (docs/transfer.md).
+# seed), every two that the gold judge does not tie make a pair (--all-pairs: its whole ranking, not only the best and
+# the worst), and an RM makes one pass over those and ON_OFF off-policy pairs, whose counterfactuals keep it from
+# paying for unrequested formats (one on on-policy pairs alone does); lr 3e-4, as 1e-3 can collapse on this many
+# steps. Then the probe and make transfer's on-policy pairs. About 65 minutes on 2 cores: too long for the demo.
 ON_PROMPTS ?= 1536
 ON_OFF     ?= 1000
-ON_STEPS   ?= 240
+ON_STEPS   ?=
 onpolicy-rm: $(STAMP)
 	$(BIN)/python -m nanoalign.tasks make --out $(DEMO)/onpolicy_data --seed 0 --n-eval $(N_EVAL) --n-prompts $(ON_PROMPTS)
 	$(BIN)/python -m nanoalign.tasks pairs --model $(DEMO)/sft --prompts $(DEMO)/onpolicy_data/prompts.jsonl --k 4 \
-		--seed $(SEED) $(PAIRS_ARGS) --out $(DEMO)/onpolicy_data/pairs.jsonl
+		--seed $(SEED) $(PAIRS_ARGS) --all-pairs --out $(DEMO)/onpolicy_data/pairs.jsonl
 	(head -n $(ON_OFF) $(DATA)/prefs.jsonl && cat $(DEMO)/onpolicy_data/pairs.jsonl) > $(DEMO)/onpolicy_data/mix.jsonl
 	$(BIN)/python train_rm.py --init $(DEMO)/sft --data $(DEMO)/onpolicy_data/mix.jsonl --out $(DEMO)/rm_onpolicy \
-		$(RM_ARGS) --max-steps $(ON_STEPS)
+		$(RM_ARGS) --lr 3e-4 --max-steps $(or $(ON_STEPS),$$(( $$(wc -l < $(DEMO)/onpolicy_data/mix.jsonl) / 4 )))
 	$(EVAL_PAIRS)
 	$(BIN)/python -m nanoalign.probe --rm $(DEMO)/rm_onpolicy --prompts $(DATA)/eval.jsonl \
 		--prefs $(DEMO)/onpolicy_pairs.jsonl --out $(DEMO)/probe_onpolicy.json

@@ -107,9 +107,9 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_onpolicy_rm_trains_on_off_policy_and_sampled_pairs_then_probes(tmp_path, rm_dir):
-    """`make onpolicy-rm` on a tiny "SFT": pairs of its own samples on ON_PROMPTS prompts (judged by the tiny RM
-    here: the gold judge ties every 8-token sample), an RM on the first ON_OFF off-policy pairs and those, then its
-    accuracy on the eval split's on-policy pairs."""
+    """`make onpolicy-rm` on a tiny "SFT": every non-tied pair of its own samples on ON_PROMPTS prompts (judged by
+    the tiny RM here: the gold judge ties every 8-token sample), one pass of an RM over the first ON_OFF off-policy
+    pairs and those, then its accuracy on the eval split's on-policy pairs."""
     from nanoalign import evaluate, tasks
     from nanoalign.checkpoint import save_checkpoint
     from nanoalign.data import read_prefs
@@ -118,9 +118,9 @@ def test_make_onpolicy_rm_trains_on_off_policy_and_sampled_pairs_then_probes(tmp
     model, tok = hub.load("tiny")
     save_checkpoint(str(demo / "sft"), model, tok)
     r = subprocess.run(["make", "-s", "-o", ".venv/.installed", "onpolicy-rm", f"BIN={os.path.dirname(sys.executable)}",
-                        f"DEMO={demo}", "ON_PROMPTS=6", "ON_OFF=3", "ON_STEPS=2", "N_EVAL=3",
+                        f"DEMO={demo}", "ON_PROMPTS=6", "ON_OFF=3", "N_EVAL=3",
                         f"PAIRS_ARGS=--max-new-tokens 8 --judge {rm_dir}", "RM_ARGS=--lora-rank 4 --lora-alpha 8 "
-                        "--lr 1e-2 --batch-size 2 --warmup 0 --max-len 512 --device cpu"],
+                        "--batch-size 2 --warmup 0 --max-len 512 --device cpu"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = lambda p: p.read_text().splitlines()
@@ -129,10 +129,13 @@ def test_make_onpolicy_rm_trains_on_off_policy_and_sampled_pairs_then_probes(tmp
     pairs = [json.loads(x) for x in lines(on / "pairs.jsonl")]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     assert {p["prompt"] for p in pairs} <= {json.loads(x)["prompt"] for x in lines(on / "prompts.jsonl")}
-    assert lines(on / "mix.jsonl") == lines(demo / "data" / "prefs.jsonl")[:3] + lines(on / "pairs.jsonl")
+    assert len(pairs) > len({p["prompt"] for p in pairs})  # all pairs: more than best vs worst's one a prompt
+    mix = lines(on / "mix.jsonl")
+    assert mix == lines(demo / "data" / "prefs.jsonl")[:3] + lines(on / "pairs.jsonl")
     run = json.loads((demo / "rm_onpolicy" / "run.json").read_text())
     assert run["init"] == str(demo / "sft") and run["data"] == str(on / "mix.jsonl")
-    assert json.loads((demo / "rm_onpolicy" / "metrics.json").read_text())["steps"] == 2
+    assert run["lr"] == 3e-4
+    assert json.loads((demo / "rm_onpolicy" / "metrics.json").read_text())["steps"] == len(mix) // 4  # one pass
     rm, tok = evaluate.load_rm(str(demo / "rm_onpolicy"))
     probe = json.loads((demo / "probe_onpolicy.json").read_text())
     assert probe["pairs"] == evaluate.rm_accuracy(rm, tok, read_prefs(str(demo / "onpolicy_pairs.jsonl")))
