@@ -367,7 +367,6 @@ def test_pairs_are_best_vs_worst_and_ties_are_dropped_and_counted():
         {"prompt": msgs, "chosen": "g", "rejected": "h", "topic": "x", "chosen_score": 1.0, "rejected_score": 0.25}]
 
 
-
 def test_all_pairs_are_every_non_tied_pair_of_distinct_texts_best_first():
     rows = [{"prompt": f"p{i}", "line": i + 1} for i in range(4)]
     texts = ["a", "b", "c", "d", "e", "f", "g", "h", "g", "y", "y", "y"]
@@ -379,6 +378,7 @@ def test_all_pairs_are_every_non_tied_pair_of_distinct_texts_best_first():
         ("p2", "g", "h", 1.0, 0.25)]  # p2's second "g" is the same text: one pair, not two
     ends = best_vs_worst(rows, texts, scores, k=3)[0]
     assert [(p["chosen"], p["rejected"]) for p in ends] == [("b", "c"), ("g", "h")]  # best vs worst is a subset
+
 
 def noisy_flips(T, seed=0, n=2000):
     rows = [{"prompt": f"p{i}"} for i in range(n)]
