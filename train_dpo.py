@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanoalign import loop
-from nanoalign.cli import Logger, check, check_ranges
+from nanoalign.cli import check, check_ranges
 from nanoalign.data import read_prefs
 from nanoalign.logprobs import sequence_logprobs
 from nanoalign.lora import disable_adapter
@@ -160,10 +160,9 @@ def main(cfg: Config) -> dict:
                     e["ref_logps"] = (float(c), float(r))
 
     # 4. record the run in --out, or resume it: trainable weights, optimizer, RNGs, step (the data position follows)
-    st = loop.start_or_resume(cfg, model, opt, rank)
-    start, skipped = st["step"], st["extra"].get("skipped", 0)
-    logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start,
-                    show=("loss", "accuracy", "margin", "eval_accuracy", "tokens_per_s"))
+    start, extra, logger = loop.start_or_resume(cfg, model, opt, rank,
+                                                show=("loss", "accuracy", "margin", "eval_accuracy", "tokens_per_s"))
+    skipped = extra.get("skipped", 0)
     global_batch = cfg.batch_size * cfg.grad_accum * world  # pairs (kto: rows) per step, over all ranks
     eval_cfg = replace(cfg, loss="sigmoid") if kto else cfg  # held-out pairs: a kto run is scored as DPO
     totals, seen, t_log, loss, first_loss, train_metrics, eval_metrics = Counter(), 0, time.time(), None, None, {}, {}
@@ -209,8 +208,7 @@ def main(cfg: Config) -> dict:
             logger.log(step + 1, **train_metrics, lr=lr, grad_norm=grad_norm, skipped=skipped,
                        tokens_per_s=seen * world / (now - t_log), **metrics)
             totals, seen, t_log = Counter(), 0.0, now
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            loop.save_state(cfg.out, model, opt, step + 1, {"skipped": skipped}, rank)
+        loop.save_state(cfg, model, opt, step + 1, {"skipped": skipped}, rank)
 
     # 9. the merged checkpoint (+ adapter/ with LoRA) and metrics.json
     result = {**train_metrics, **eval_metrics, "loss": loss, "first_loss": first_loss, "steps": cfg.max_steps,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign import fast, lora, loop, packing, rl
-from nanoalign.cli import Logger, check
+from nanoalign.cli import check
 from nanoalign.data import tokenize_sft
 from nanoalign.generate import generate
 from nanoalign.judge import score as gold_score
@@ -120,12 +120,11 @@ def main(cfg: Config) -> dict:
     ptx = tokenize_sft(tok, ptx, cfg.max_len + cfg.max_new_tokens, path=cfg.ptx_data) if ptx else []  # (ids, mask)
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     opt, kl_ctl = loop.make_optimizer(params, cfg.lr), rl.KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    st = loop.start_or_resume(cfg, model, opt, rank)  # with --resume, what save_state wrote below
-    start, skipped, reward_norm = st["step"], st["extra"].get("skipped", 0), st["extra"].get("reward_norm")
-    kl_ctl.value = st["extra"].get("beta", kl_ctl.value)
-    if st["extra"].get("value_head"):
-        value_head.load_state_dict(st["extra"]["value_head"])
-    logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start, show=SHOW)
+    start, extra, logger = loop.start_or_resume(cfg, model, opt, rank, show=SHOW)  # --resume: what save_state wrote
+    skipped, reward_norm = extra.get("skipped", 0), extra.get("reward_norm")
+    kl_ctl.value = extra.get("beta", kl_ctl.value)
+    if extra.get("value_head"):
+        value_head.load_state_dict(extra["value_head"])
     B, n, M = cfg.rollout_batch // world * k, cfg.rollout_batch * k, cfg.minibatch_size  # this rank's, all, per step
     parts, first, stats = torch.arange(B).split(max(M // world // share, 1) * share), None, {}  # no-grad forwards
     for step in range(start, cfg.max_steps):
@@ -215,9 +214,8 @@ def main(cfg: Config) -> dict:
         kl_ctl.update(loop.global_mean_std(kl.sum(1))[0], n)  # adaptive β, for the next iteration: on the mean KL
         if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == cfg.max_steps:
             logger.log(step + 1, **stats)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            loop.save_state(cfg.out, model, opt, step + 1, {"beta": kl_ctl.value, "skipped": skipped, "reward_norm":
-                            reward_norm, "value_head": value_head.state_dict() if value_head else {}}, rank)
+        loop.save_state(cfg, model, opt, step + 1, {"beta": kl_ctl.value, "skipped": skipped, "reward_norm":
+                        reward_norm, "value_head": value_head.state_dict() if value_head else {}}, rank)
 
     # the merged policy (+ adapter/ with LoRA), the value head beside it (the policy stays a plain LM), metrics.json
     result = {**stats, "first_score": first and first["score"], "reward_norm": reward_norm, "steps": cfg.max_steps,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign import loop
-from nanoalign.cli import Logger, check_ranges
+from nanoalign.cli import check_ranges
 from nanoalign.data import read_prefs
 from nanoalign.losses import bradley_terry_loss
 from nanoalign.packing import collate_shared, pair_rewards
@@ -93,9 +93,8 @@ def main(cfg: Config) -> dict:
     lengths = [len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples]  # for tokens/s
 
     # 4. record the run in --out, or resume it: trainable weights (adapters + head), optimizer, RNGs, step
-    state = loop.start_or_resume(cfg, model, opt, rank)
-    start, skipped = state["step"], state["extra"].get("skipped", 0)
-    logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
+    start, extra, logger = loop.start_or_resume(cfg, model, opt, rank)
+    skipped = extra.get("skipped", 0)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     stats, losses, tokens, t_log, train_metrics, eval_metrics = Counter(), [], 0.0, time.time(), {}, {}
     for step in range(start, cfg.max_steps):
@@ -139,8 +138,7 @@ def main(cfg: Config) -> dict:
             logger.log(step + 1, loss=float(step_loss), **train_metrics, lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens / (time.time() - t_log), skipped=skipped, **metrics)
             stats, tokens, t_log = Counter(), 0.0, time.time()
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            loop.save_state(cfg.out, model, opt, step + 1, {"skipped": skipped}, rank)
+        loop.save_state(cfg, model, opt, step + 1, {"skipped": skipped}, rank)
 
     # 9. the merged checkpoint as an HF LlamaForSequenceClassification (+ adapter/ with LoRA) and metrics.json
     result = {"loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None, **train_metrics,

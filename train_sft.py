@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from nanoalign import loop
-from nanoalign.cli import Logger
 from nanoalign.data import collate_sft, read_sft, tokenize_sft
 from nanoalign.logprobs import token_logprobs
 from nanoalign.losses import sft_loss
@@ -75,9 +74,8 @@ def main(cfg: Config) -> dict:
     lengths = [sum(len(ids) for ids, _ in row) if cfg.pack else len(row[0]) for row in examples]  # for tokens/s
 
     # 4. record the run in --out, or resume it: trainable weights, optimizer, RNGs, step (the data position follows)
-    state = loop.start_or_resume(cfg, model, opt, rank)
-    start, skipped = state["step"], state["extra"].get("skipped", 0)
-    logger = Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=start)
+    start, extra, logger = loop.start_or_resume(cfg, model, opt, rank)
+    skipped = extra.get("skipped", 0)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     tokens, t_log, loss, first_loss, eval_loss = 0.0, time.time(), None, None, None
     for step in range(start, cfg.max_steps):
@@ -122,8 +120,7 @@ def main(cfg: Config) -> dict:
             logger.log(step + 1, loss=float(step_loss), lr=lr, grad_norm=grad_norm,
                        tokens_per_s=tokens / (time.time() - t_log), skipped=skipped, **metrics)
             tokens, t_log = 0.0, time.time()
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            loop.save_state(cfg.out, model, opt, step + 1, {"skipped": skipped}, rank)
+        loop.save_state(cfg, model, opt, step + 1, {"skipped": skipped}, rank)
 
     # 9. the merged checkpoint (+ adapter/ with LoRA) and metrics.json
     result = {"loss": loss, "first_loss": first_loss, "eval_loss": eval_loss, "steps": cfg.max_steps,

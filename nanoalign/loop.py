@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import save_model
 
 from . import checkpoint, fast
-from .cli import check, check_ranges, run
+from .cli import Logger, check, check_ranges, run
 from .hub import load
 from .lora import apply_lora, merge_lora, save_adapter
 from .nf4 import quantize_nf4_
@@ -190,9 +190,9 @@ def prepare_out(out: str, cfg, resume: bool, rank: int = 0):
             os.remove(tmp)
 
 
-def start_or_resume(cfg, model, opt, rank: int = 0) -> dict:
-    """Record the run in --out (rank 0), or with --resume restore what save_state wrote (the Logger then cuts
-    log.jsonl back to its step). -> {"step", "extra"}: step 0 and no extras for a fresh run."""
+def start_or_resume(cfg, model, opt, rank: int = 0, show=None) -> tuple[int, dict, Logger]:
+    """Record the run in --out (rank 0), or with --resume restore what save_state wrote. -> (the step to start from,
+    save_state's extra state, the run's Logger: on a resume it first cuts log.jsonl back to that step)."""
     barrier()
     if rank == 0:
         prepare_out(cfg.out, cfg, cfg.resume, rank)
@@ -200,23 +200,25 @@ def start_or_resume(cfg, model, opt, rank: int = 0) -> dict:
             peak = lr_at(cfg.max_steps - 1, cfg.max_steps, cfg.lr, cfg.warmup)
             print(f"warning: --warmup {cfg.warmup} outlasts --max-steps {cfg.max_steps}: the lr peaks at {peak:.3g}, "
                   f"not --lr {cfg.lr:g}", file=sys.stderr)
-    if not cfg.resume:
-        return {"step": 0, "extra": {}}
-    st = checkpoint.load_train_state(cfg.out)
-    unknown = model.load_state_dict(st["weights"], strict=False).unexpected_keys  # it holds the trainable ones only
-    check(not unknown, f"{cfg.out}/train_state.pt: parameters {unknown} do not exist in this model")
-    opt.load_state_dict(st["optimizer"])
-    checkpoint.set_rng_state(st["rng"])
-    return st
+    st = {"step": 0, "extra": {}}
+    if cfg.resume:
+        st = checkpoint.load_train_state(cfg.out)
+        unknown = model.load_state_dict(st["weights"], strict=False).unexpected_keys  # the trainable ones only
+        check(not unknown, f"{cfg.out}/train_state.pt: parameters {unknown} do not exist in this model")
+        opt.load_state_dict(st["optimizer"])
+        checkpoint.set_rng_state(st["rng"])
+    return st["step"], st["extra"], Logger(cfg.out, cfg.max_steps, enabled=rank == 0, start_step=st["step"], show=show)
 
 
-def save_state(out: str, model, opt, step: int, extra: dict | None = None, rank: int = 0):
-    """Trainable weights, optimizer, step, RNGs and any extra state (e.g. the KL controller), atomically."""
+def save_state(cfg, model, opt, step: int, extra: dict, rank: int = 0):
+    """Every --save-every steps: trainable weights, optimizer, step, RNGs and the extra state (e.g. β), atomically."""
+    if not cfg.save_every or step % cfg.save_every:
+        return
     barrier()
     if rank == 0:
         weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        checkpoint.save_train_state(out, {"step": step, "weights": weights, "optimizer": opt.state_dict(),
-                                          "rng": checkpoint.rng_state(), "extra": extra or {}})
+        checkpoint.save_train_state(cfg.out, {"step": step, "weights": weights, "optimizer": opt.state_dict(),
+                                              "rng": checkpoint.rng_state(), "extra": extra})
     barrier()
 
 
