@@ -29,12 +29,11 @@ import torch
 
 from nanoalign import loop
 from nanoalign.cli import check, check_ranges
-from nanoalign.data import read_prefs
+from nanoalign.data import collate_pairs, collate_unpaired, read_kto, read_prefs, tokenize_prefs
 from nanoalign.logprobs import sequence_logprobs
 from nanoalign.lora import disable_adapter
 from nanoalign.losses import dpo_loss, ipo_loss, kto_loss, orpo_loss, robust_dpo_loss, simpo_loss
 from nanoalign.packing import collate_shared, pair_lengths, pair_logprobs
-from nanoalign.prefs import collate_pairs, collate_unpaired, read_kto, tokenize_prefs
 
 REFERENCE_FREE = ("simpo", "orpo")  # losses that need no π_ref
 

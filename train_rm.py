@@ -30,10 +30,9 @@ import torch
 
 from nanoalign import loop
 from nanoalign.cli import check_ranges
-from nanoalign.data import read_prefs
+from nanoalign.data import collate_pairs, read_prefs, tokenize_prefs
 from nanoalign.losses import bradley_terry_loss
 from nanoalign.packing import collate_shared, pair_rewards
-from nanoalign.prefs import collate_pairs, tokenize_prefs
 
 
 @dataclass

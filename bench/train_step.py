@@ -74,7 +74,7 @@ def worker(algo: str, warmup: int, steps: int, init: str, seq_len: int = 0, shar
     from nanoalign.lora import apply_lora, disable_adapter, lora_layers
     from nanoalign.losses import bradley_terry_loss, dpo_loss, sft_loss
     from nanoalign.packing import collate_shared, pair_logprobs, pair_rewards
-    from nanoalign.prefs import collate_pairs
+    from nanoalign.data import collate_pairs
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     torch.manual_seed(0)

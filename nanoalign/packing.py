@@ -64,7 +64,7 @@ def shared_rows(prompts: list[list], responses: list[list[list]], pad_id: int, m
 
 
 def collate_shared(examples: list[dict], pad_id: int, max_len: int, multiple_of: int = 1) -> dict:
-    """B pairs -> B rows [prompt | chosen | rejected], the pairs of prefs.collate_pairs' 2B rows (each response keeps
+    """B pairs -> B rows [prompt | chosen | rejected], the pairs of data.collate_pairs' 2B rows (each response keeps
     its first max_len - len(prompt) tokens, as there), plus response_mask: 1 on the tokens a loss reads."""
     cut = [{k: e[k][:max_len - len(e["prompt"])] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask")}
            for e in examples]

@@ -23,7 +23,7 @@ from nanoalign.data import read_prefs  # noqa: E402
 from nanoalign.loop import TrainingError  # noqa: E402
 from nanoalign.lora import apply_lora  # noqa: E402
 from nanoalign.packing import collate_shared  # noqa: E402
-from nanoalign.prefs import collate_pairs, collate_unpaired, read_kto, tokenize_prefs  # noqa: E402
+from nanoalign.data import collate_pairs, collate_unpaired, read_kto, tokenize_prefs  # noqa: E402
 from nanoalign.tokenizer import byte_tokenizer  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nanoalign.cli import UserError
 from nanoalign.data import ROLES, check_messages, read_prefs, read_prompts, read_sft, read_unpaired, tokenize_sft
-from nanoalign.prefs import tokenize_prefs
+from nanoalign.data import tokenize_prefs
 from nanoalign.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()

@@ -8,7 +8,7 @@ from nanoalign.data import read_prefs
 from nanoalign.logprobs import last_token_rewards
 from nanoalign.lora import apply_lora
 from nanoalign.packing import collate_shared, pair_lengths, pair_logprobs, pair_rewards, shared_rows
-from nanoalign.prefs import collate_pairs, tokenize_prefs
+from nanoalign.data import collate_pairs, tokenize_prefs
 from test_dpo import write_prefs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import train_rm  # noqa: E402
 from nanoalign import hub  # noqa: E402
 from nanoalign.data import read_prefs  # noqa: E402
 from nanoalign.packing import collate_shared  # noqa: E402
-from nanoalign.prefs import collate_pairs, tokenize_prefs  # noqa: E402
+from nanoalign.data import collate_pairs, tokenize_prefs  # noqa: E402
 from test_dpo import EVAL_TOPICS, write_prefs  # noqa: E402  (the same separable yes/no toy set)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

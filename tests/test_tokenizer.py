@@ -286,7 +286,7 @@ def test_smollm2_chat_template_token_strings_by_hand(smollm2):
 def test_smollm2_prefs_response_opening_with_spaces_is_tokenized_apart_from_its_prompt(smollm2):
     """A sampled response can open with spaces; tokenized at once with its prompt, BPE merges them with the
     assistant header's newline ("Ċ" + "ĠĠ" -> "ĊĠĠ"), and the prompt's ids are no longer a prefix."""
-    from nanoalign.prefs import tokenize_prefs
+    from nanoalign.data import tokenize_prefs
     _, tok = smollm2
     user, reply = [{"role": "user", "content": "Hi"}], lambda t: [{"role": "assistant", "content": t}]
     row = {"prompt": user, "chosen": reply("   Stars shine."), "rejected": reply("Stars shine.")}
