@@ -9,6 +9,7 @@ quantize.py does), so model.py stays a plain Llama; each has a parity test again
   traffic; packing the weights for oneDNN saves a reorder in every matmul, and stacking q/k/v two matmuls per layer.
 """
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -17,15 +18,11 @@ from .lora import merge_lora
 from .model import MLP, Attention, RMSNorm, rms_norm, swiglu
 from .nf4 import NF4Linear, dequantize_blocks
 
-_COMPILED = {}  # (fn, decode) -> fn torch.compile'd: one per process, shared by every layer and call
-
-
+@functools.cache  # one per process, shared by every layer and call
 def compiled(fn, decode: bool = False):
     """fn torch.compile'd, with dynamic shapes so that new lengths reuse it. decode: generate's one-token step, static
     shapes; inductor fuses each layer's ~20 small kernels (norms, RoPE, cache writes, SwiGLU), called from C++."""
-    if (fn, decode) not in _COMPILED:
-        _COMPILED[fn, decode] = torch.compile(fn, dynamic=not decode, options={"cpp_wrapper": True} if decode else None)
-    return _COMPILED[fn, decode]
+    return torch.compile(fn, dynamic=not decode, options={"cpp_wrapper": True} if decode else None)
 
 
 class CompiledRMSNorm(RMSNorm):
