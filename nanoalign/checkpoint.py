@@ -18,8 +18,7 @@ from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
 
 
-def atomic_write(path: str, write_fn):
-    """Call write_fn(tmp_path), fsync it, then rename over `path`."""
+def atomic_write(path: str, write_fn):  # write_fn(tmp_path), fsync it, rename it over `path`
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write_fn(tmp)
@@ -62,8 +61,7 @@ def read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     check(os.path.exists(cfg_path), f"{cfg_path}: missing config.json (not a model directory)")
     try:
-        with open(cfg_path) as f:
-            d = json.load(f)
+        d = json.loads(pathlib.Path(cfg_path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{cfg_path}: not a valid config ({e})")
     check(isinstance(d, dict), f"{cfg_path}: not a valid config (not a JSON object)")
@@ -112,9 +110,8 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
     if missing:
         raise UserError(f"{w_file}: missing weight {missing[0]} ({len(missing)} missing in all)")
     for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{cfg_file}: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
-                            f"the config implies {tuple(v.shape)}")
+        check(sd[k].shape == v.shape, f"{cfg_file}: shapes disagree with the weights: {k} is {tuple(sd[k].shape)}, "
+              f"the config implies {tuple(v.shape)}")
     model.load_state_dict({k: sd[k].float() for k in expected}, strict=False)
     return model
 

@@ -12,6 +12,7 @@ knows which tokens are the answer's; the ids equal transformers' apply_chat_temp
 """
 import json
 import os
+import pathlib
 import re
 
 from tokenizers import Regex
@@ -135,11 +136,9 @@ class Tokenizer:
         config, jinja = {}, os.path.join(path, "chat_template.jinja")  # where newer transformers save the template
         try:
             if os.path.exists(tc):
-                with open(tc) as f:
-                    config = json.load(f)
+                config = json.loads(pathlib.Path(tc).read_text())
             if isinstance(config, dict) and not config.get("chat_template") and os.path.exists(jinja):
-                with open(jinja) as f:
-                    config["chat_template"] = f.read()
+                config["chat_template"] = pathlib.Path(jinja).read_text()
         except (OSError, ValueError) as e:
             raise UserError(f"{tc}: not valid JSON ({e})")
         check(isinstance(config, dict), f"{tc}: not a JSON object")
