@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import read_config, write_json
-from .cli import UserError, check, check_ranges, run
-from .data import pad, read_prefs, read_prompts
+from .cli import check, check_ranges, run
+from .data import collate_sft, pad, read_prefs, read_prompts
 from .fast import sampling_copy
 from .generate import generate
 from .hub import ALIAS, PRESETS, load
@@ -50,10 +50,8 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=F
     device, out = next(model.parameters()).device, {}
     order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]) + len(samples[i][1]))
     for i in range(0, len(order), batch_size):
-        chunk = [samples[j] for j in order[i:i + batch_size]]
-        ids = pad([p + r for p, r, _, _ in chunk], pad_id).to(device)  # (B, T)
-        att = pad([[1] * (len(p) + len(r)) for p, r, _, _ in chunk], 0).to(device)
-        resp = pad([[0] * len(p) + [1] * len(r) for p, r, _, _ in chunk], 0).to(device)
+        chunk = [(p + r, [0] * len(p) + [1] * len(r)) for p, r, _, _ in (samples[j] for j in order[i:i + batch_size])]
+        ids, att, resp = (v.to(device) for v in collate_sft(chunk, pad_id).values())  # (B, T) each, right-padded
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             out.update(zip(order[i:i + batch_size], sequence_logprobs(model, ids, att, resp, temperature).tolist()))
     return [out[j] for j in range(len(samples))]
@@ -249,8 +247,8 @@ def main(cfg: Config) -> dict:
     for i, (name, path) in enumerate(named):
         same = bool(cfg.ref) and os.path.realpath(path) == os.path.realpath(cfg.ref)
         model, tok = (ref, ref_tok) if same else load(path, cfg.device)
-        if ref is not None and ref_tok.vocab_size != tok.vocab_size:
-            raise UserError(f"{path}: tokenizer differs from --ref {cfg.ref}; KL needs a shared vocabulary")
+        check(ref is None or ref_tok.vocab_size == tok.vocab_size,
+              f"{path}: tokenizer differs from --ref {cfg.ref}; KL needs a shared vocabulary")
         r = results[name] = evaluate_model(model.eval(), tok, rows, judge, cfg, ref, ref_samples, ref_scores,
                                            ref_samples if same else None)
         if cfg.best_of_n:
