@@ -40,11 +40,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = 0  # > 0 inside disable_adapter(); a counter so nested contexts restore correctly
 
-    def forward(self, x):
+    def forward(self, x):  # disabled: the reference model, the base alone; else y + s·BAx in one pass, no temporary
         y = self.base(x)  # (..., out)
-        if self.disabled:  # the reference model: the base alone
-            return y
-        return torch.add(y, self.lora_B(self.lora_A(self.lora_dropout(x))), alpha=self.scaling)  # one pass, no temp
+        return y if self.disabled else torch.add(y, self.lora_B(self.lora_A(self.lora_dropout(x))), alpha=self.scaling)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -71,8 +69,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, tar
             raise ValueError(f"trainable module not found in the model: {t}")
         for m in found:
             m.requires_grad_(True)
-    # what save_adapter writes to adapter_config.json
-    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,
+    model.lora_config = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=False,  # for save_adapter
                              target_modules=sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)}),
                              modules_to_save=sorted(trainable) or None)
     return model
