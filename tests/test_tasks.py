@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from nanoalign import answers, judge, tasks
-from nanoalign.pairs import best_vs_worst
+from nanoalign.tasks import best_vs_worst
 from nanoalign.judge import check, score, score_by_family
 
 
