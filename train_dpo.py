@@ -9,12 +9,10 @@ a relative (nanoalign/losses.py). π_ref is the policy with its LoRA adapter dis
 stage saves a merged checkpoint. A pair runs as one row [prompt | chosen | rejected] (nanoalign/packing.py), so the
 prompt's forward and backward run once for both responses.
 
-Run:
-    python -m nanoalign.tasks make --out data --seed 0
+Run (the data and the SFT model as in train_sft.py; torchrun as there):
     python train_dpo.py --init out/sft --data data/prefs.jsonl --eval-data data/eval_prefs.jsonl --out out/dpo
     python train_dpo.py ... --loss ipo --beta 0.5                     # or sigmoid cdpo robust simpo orpo kto
     python train_dpo.py ... --lora-rank 0 --lr 5e-7 --precompute-ref  # full fine-tune, no reference copy
-    torchrun --nproc_per_node=2 train_dpo.py ...                        # data parallel
 
 Simplifications: data order and data parallelism as in train_sft.py; KTO's z0 is estimated per micro-batch on each
 rank (TRL gathers it over ranks); no reference-model syncing (TR-DPO), no per-pair margins.
@@ -189,8 +187,7 @@ def main(cfg: Config) -> dict:
         grad_norm = loop.step_or_skip(opt, params, loss_t, lr, step + 1, cfg)  # nan: skipped
         if math.isfinite(grad_norm):
             loss, first_loss = float(loss_t), float(loss_t) if first_loss is None else first_loss
-        else:
-            skipped += 1
+        skipped += not math.isfinite(grad_norm)
 
         # 8. eval (every --eval-every steps and at the end), log the means since the last line, save
         last, metrics = step + 1 == cfg.max_steps, {}

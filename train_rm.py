@@ -11,11 +11,9 @@ arbitrary constant, which a PPO value head then has to chase. The head is an nn.
 (lm-human-preferences), trained in full next to the LoRA adapters, on the SFT model (RMs that start elsewhere stall
 near 50% accuracy). The RM is saved as an HF LlamaForSequenceClassification (score.weight, num_labels 1).
 
-Run:
-    python -m nanoalign.tasks make --out data --seed 0
+Run (the data and the SFT model as in train_sft.py; torchrun as there):
     python train_rm.py --init out/sft --data data/prefs.jsonl --eval-data data/eval_prefs.jsonl --out out/rm
     python train_rm.py ... --lora-rank 0 --lr 1e-5                      # full fine-tune instead of LoRA
-    torchrun --nproc_per_node=2 train_rm.py ...                          # data parallel
 
 Simplifications: one scalar per sequence; a single constant margin; data order and all-reduce as in train_sft.py.
 The saved pad_token_id is not <|im_end|>: transformers reads the score at the last token that is not pad_token_id,
@@ -119,8 +117,7 @@ def main(cfg: Config) -> dict:
         grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
         if math.isfinite(grad_norm):
             losses.append(float(step_loss))
-        else:
-            skipped += 1
+        skipped += not math.isfinite(grad_norm)
 
         # 8. eval (every --eval-every steps and at the end), log (training metrics since the last line), save
         metrics, last = {}, step + 1 == cfg.max_steps

@@ -100,8 +100,7 @@ def main(cfg: Config) -> dict:
         grad_norm = loop.step_or_skip(opt, params, step_loss, lr, step + 1, cfg)
         if math.isfinite(grad_norm):
             loss, first_loss = float(step_loss), float(step_loss) if first_loss is None else first_loss
-        else:
-            skipped += 1
+        skipped += not math.isfinite(grad_norm)
 
         # 8. eval (every --eval-every steps and at the end), log, save
         metrics, last = {}, step + 1 == cfg.max_steps
