@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- masked reductions
-def masked_sum(x, mask):
-    """Σ x over mask == 1."""
+def masked_sum(x, mask):  # Σ x over mask == 1
     return torch.where(mask.bool(), x, torch.zeros_like(x)).sum()
 
 

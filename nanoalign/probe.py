@@ -17,8 +17,7 @@ from .checkpoint import write_json
 from .cli import check, run
 from .data import read_prefs, read_prompts
 from .evaluate import load_rm, rm_accuracy, rm_scores
-from .judge import FORMATS, check_rows
-from .judge import score as gold_score
+from .judge import FORMATS, check_rows, score as gold_score
 
 # name -> (rewrite of the text, the constraint families that make a prompt ineligible)
 PROBES = {**{f: (MISFIRES[f], FORMATS[f][1]) for f in MISFIRES}, "said twice": (lambda s: s + " " + s, {"word_limit"}),
