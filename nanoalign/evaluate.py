@@ -60,17 +60,19 @@ def response_logprobs(model, samples, pad_id, temperature, batch_size=16, bf16=F
 @torch.no_grad()
 def rm_scores(rm, tok, prompts, texts, batch_size=16) -> list[float]:
     """Reward-model score of each (prompt, response), read at the closing <|im_end|>, where the RM was trained to
-    read it."""
-    device, seqs, out = next(rm.parameters()).device, [], []
+    read it. Batched by length, as response_logprobs: less padding."""
+    device, seqs, out = next(rm.parameters()).device, [], {}
     for p, t in zip(prompts, texts):
         ids, mask = tok.render_chat(_msgs(p) + [{"role": "assistant", "content": t}])
         end = max(j for j, m in enumerate(mask) if m)  # the closing <|im_end|>
         seqs.append(ids[:end + 1])
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        chunk = [seqs[j] for j in idx]
         att = pad([[1] * len(s) for s in chunk], 0).to(device)
-        out += last_token_rewards(rm, pad(chunk, tok.pad_id).to(device), att).tolist()
-    return out
+        out.update(zip(idx, last_token_rewards(rm, pad(chunk, tok.pad_id).to(device), att).tolist()))
+    return [out[j] for j in range(len(seqs))]
 
 
 def _msgs(p):
@@ -162,9 +164,9 @@ def best_of_n(model, tok, rows, judge, cfg) -> dict:
 
 def rm_accuracy(rm, tok, prefs: list[dict]) -> dict:
     """RewardBench-style pairwise accuracy: the fraction of pairs whose chosen response the RM scores higher."""
-    prompts = [r["prompt"] for r in prefs]
-    ch, rj = (rm_scores(rm, tok, prompts, [r[key][-1]["content"] for r in prefs]) for key in ("chosen", "rejected"))
-    margins = [a - b for a, b in zip(ch, rj)]
+    n, texts = len(prefs), [r[k][-1]["content"] for k in ("chosen", "rejected") for r in prefs]
+    scores = rm_scores(rm, tok, [r["prompt"] for r in prefs] * 2, texts)  # both sides in one call: batched by length
+    margins = [a - b for a, b in zip(scores[:n], scores[n:])]
     return {"rm_accuracy": sum(x > 0 for x in margins) / len(prefs), "rm_margin": sum(margins) / len(prefs),
             "rm_n": len(prefs)}
 

@@ -230,6 +230,14 @@ def test_rm_scores_are_read_at_the_closing_token_whatever_the_padding(rm_dir):
         assert closed != pytest.approx(rm.score(h[end - 1]).item(), abs=1e-5)  # not at the response's last token
 
 
+def test_rm_scores_batched_by_length_come_back_in_input_order(rm_dir):
+    rm, tok = hub.load(str(rm_dir))
+    texts = ["Tea is a warm drink made from leaves and hot water.", "ok", "Tea is warm.", "Tea.", "Tea is a drink."]
+    got = evaluate.rm_scores(rm.eval(), tok, ["Describe tea."] * 5, texts, batch_size=2)  # 3 batches, reordered
+    alone = [evaluate.rm_scores(rm, tok, ["Describe tea."], [t])[0] for t in texts]
+    assert got == pytest.approx(alone, abs=1e-5) and len({round(x, 4) for x in got}) == 5
+
+
 def test_table_labels_each_score_by_its_judge():
     a = {"gold_mean": 0.5, "gold_stderr": 0.1, "win_rate": 0.75, "kl": None, "mean_length": 12.0, "eos_rate": 1.0}
     b = {**a, "kl": 0.25}
