@@ -115,7 +115,9 @@ onpolicy-rm: $(STAMP)
 # Iterative DPO as one command (online DPO; Xiong et al. 2024, Llama 3's rounds). Each of ROUNDS rounds takes the
 # next PER_ROUND prompts of PROMPTS, samples K answers to each from the current policy, JUDGE (gold, or a reward-model
 # dir) keeps the best and the worst (`nanoalign.tasks pairs`), and DPO trains from that policy on those pairs, so the
-# round's reference is the last round's policy. Then every round's policy (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
+# round's reference is the last round's policy. The rounds sample at ROUND_T, the temperature the policy is evaluated
+# at: at 1.0 the best of 4 is often garbled text, which RPO's NLL term then trains on. Then every round's policy
+# (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
 #   make iterate BASE=out/demo/sft PROMPTS=out/demo/data/prompts.jsonl ROUNDS=2 K=4 JUDGE=gold OUT=out/iterate
 ROUNDS  ?= 2
 BASE    ?= out/demo/sft
@@ -124,6 +126,7 @@ EVAL    ?= $(dir $(PROMPTS))paraphrase.jsonl
 OUT     ?= out/iterate
 K       ?= 4
 JUDGE   ?= gold
+ROUND_T ?= 0.7
 ROUND_STEPS ?= 20
 PER_ROUND   ?= 128
 PAIRS_ARGS  ?= --max-new-tokens 64 --batch-size 64 --bf16
@@ -135,9 +138,9 @@ iterate: $(STAMP)
 	for r in $$(seq $(ROUNDS)); do \
 		sed -n "$$(( (r - 1) * $(PER_ROUND) + 1 )),$$(( r * $(PER_ROUND) ))p" $(PROMPTS) > $(OUT)/prompts$$r.jsonl; \
 		$(BIN)/python -m nanoalign.tasks pairs --model $$policy --prompts $(OUT)/prompts$$r.jsonl --k $(K) \
-			--judge $(JUDGE) --seed $$r --out $(OUT)/pairs$$r.jsonl $(PAIRS_ARGS); \
+			--judge $(JUDGE) --seed $$r --temperature $(ROUND_T) --out $(OUT)/pairs$$r.jsonl $(PAIRS_ARGS); \
 		$(BIN)/python train_dpo.py --init $$policy --data $(OUT)/pairs$$r.jsonl --out $(OUT)/round$$r \
-			--max-steps $(ROUND_STEPS) --seed $$r $(DPO_ARGS); \
+			--max-steps $(ROUND_STEPS) $(DPO_ARGS); \
 		policy=$(OUT)/round$$r; models="$$models round$$r=$$policy"; \
 	done; \
 	$(BIN)/python -m nanoalign.evaluate --prompts $(EVAL) --ref $(BASE) --compare $$models $(EVAL_ARGS) \

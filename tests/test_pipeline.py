@@ -80,8 +80,8 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
         assert run["init"] == init and run["data"] == str(out / f"pairs{n}.jsonl")
         metrics = json.loads((out / f"round{n}" / "metrics.json").read_text())
         assert metrics["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # π == π_ref at step 0: ln 2
-    # round 2's pairs are the RM's best and worst of round 1's samples (seed 2) on the next 3 prompts, not of the
-    # starting policy's
+    # round 2's pairs are the RM's best and worst of round 1's samples (seed 2, at ROUND_T = 0.7) on the next 3
+    # prompts, not of the starting policy's
     every = [json.loads(line) for line in (tmp_path / "data" / "prompts.jsonl").read_text().splitlines()]
     prompts = every[3:6]
     first = {json.loads(line)["prompt"] for line in (out / "pairs1.jsonl").read_text().splitlines()}
@@ -89,7 +89,7 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
     drawn = {}
     for name in (str(out / "round1"), "tiny"):
         model, tok = hub.load(name)
-        drawn[name] = [s[2] for s in evaluate.sample(model.eval(), tok, [p["prompt"] for p in prompts], 2, 1.0, 8, 2)]
+        drawn[name] = [s[2] for s in evaluate.sample(model.eval(), tok, [p["prompt"] for p in prompts], 2, 0.7, 8, 2)]
     assert drawn[str(out / "round1")] != drawn["tiny"]  # the first round moved the policy
     pairs = [json.loads(line) for line in (out / "pairs2.jsonl").read_text().splitlines()]
     rm, tok = hub.load(str(rm_dir))
