@@ -238,6 +238,7 @@ class PairsConfig:
     seed: int = 0  # sampling and label-noise seed
     label_noise: float = 0.0  # Bradley-Terry temperature T of annotator noise (0 = clean labels)
     all_pairs: bool = False  # every non-tied pair of the k samples (up to k(k-1)/2 per prompt), not only best vs worst
+    counterfactuals: bool = False  # also each pair's chosen answer, rejected in a format its prompt did not ask for
     judge: str = "gold"  # gold, or a reward-model checkpoint dir
     limit: int = 0  # use only the first N prompts (0 = all)
     batch_size: int = 16  # generation batch
@@ -264,6 +265,13 @@ def pairs_main(cfg: PairsConfig) -> dict:
                                  cfg.label_noise, cfg.seed, cfg.all_pairs)
     cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
               "the same); try a higher --temperature or a larger --k")
+    if cfg.counterfactuals:  # the judge counts an unasked format as one failed constraint of several, so the best
+        rng = random.Random(f"{cfg.seed}/counterfactuals")  # and worst of k rarely differ by one: misfire adds those
+        bad = [misfire(rng, p, p["chosen"], 1.0) for p in pairs]
+        extra = [{**p, "rejected": b} for p, b in zip(pairs, bad) if b not in (None, p["chosen"])]
+        for p, s in zip(extra, judge(extra, [p["rejected"] for p in extra])):
+            p["rejected_score"] = s
+        pairs += extra
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_jsonl(cfg.out, pairs)
     print(f"wrote {len(pairs)} pairs to {cfg.out} ({stats['ties']} of {len(rows)} prompts dropped as ties; "

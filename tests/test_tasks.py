@@ -429,6 +429,25 @@ def test_pairs_cli_with_gold_judge(tmp_path, monkeypatch, capsys):
         ("tea", GOOD, HALF), ("tea", GOOD, BAD), ("tea", HALF, BAD), ("ice", HALF, BAD)]
 
 
+def test_pairs_counterfactuals_reject_each_chosen_answer_in_a_format_nobody_asked_for(tmp_path, monkeypatch):
+    from nanoalign import evaluate
+    cons = [{"type": "case", "value": "lower"}, {"type": "no_commas", "value": True}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe {t}.", "constraints": cons, "id": t}) + "\n"
+                               for t in ("tea", "milk", "ice")))
+    monkeypatch.setattr(evaluate, "sample", stub_sample)
+    out = tmp_path / "pairs.jsonl"
+    tasks.main(["pairs", "--model", "tiny", "--prompts", str(prompts), "--k", "6", "--counterfactuals", "--out",
+                str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["tea", "ice", "tea", "ice"]  # the best-vs-worst pairs, then one more each
+    for pair, extra in zip(rows[:2], rows[2:]):
+        assert (extra["chosen"], extra["chosen_score"]) == (pair["chosen"], pair["chosen_score"])
+        assert judge.unrequested(extra["rejected"], extra) and not judge.unrequested(extra["chosen"], extra)
+        assert extra["rejected_score"] == score(extra["rejected"], extra) < extra["chosen_score"]
+        assert extra["chosen"].rstrip(".") in extra["rejected"]  # the same words, in quotes, JSON or bullets
+
+
 def test_pairs_on_tiny_model_with_rm_judge_are_deterministic_per_seed(made, rm_dir, tmp_path):
     from nanoalign import evaluate, hub
     d, _ = made
