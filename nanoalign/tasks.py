@@ -265,8 +265,8 @@ def pairs_main(cfg: PairsConfig) -> dict:
                                  cfg.label_noise, cfg.seed, cfg.all_pairs)
     cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
               "the same); try a higher --temperature or a larger --k")
-    if cfg.counterfactuals:  # the judge counts an unasked format as one failed constraint of several, so the best
-        rng = random.Random(f"{cfg.seed}/counterfactuals")  # and worst of k rarely differ by one: misfire adds those
+    if cfg.counterfactuals:  # an unasked format is one failed constraint of several: best and worst rarely differ
+        rng = random.Random(f"{cfg.seed}/counterfactuals")  # by one alone, so misfire adds such pairs
         bad = [misfire(rng, p, p["chosen"], 1.0) for p in pairs]
         extra = [{**p, "rejected": b} for p, b in zip(pairs, bad) if b not in (None, p["chosen"])]
         for p, s in zip(extra, judge(extra, [p["rejected"] for p in extra])):
