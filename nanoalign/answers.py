@@ -73,20 +73,11 @@ def misfire(rng: random.Random, meta: dict, chosen: str, p: float = 0.4) -> str 
     return None
 
 
-def longer_negative(plan: dict, chosen: str, rejected: str, broken, meta: dict) -> str | None:
-    """For a quarter of the rejected answers shorter than the demonstration, that answer with one more sentence
-    (breaking a constraint mostly drops words: "longer = better"). Seeded by the text: other rows stay as they are."""
-    rng, extras = random.Random(rejected), [x for x in plan["extras"] if x != plan["avoid_sentence"]]
-    if "word_limit" not in broken and len(words(rejected)) < len(words(chosen)) and extras and rng.random() < 0.25:
-        text = render(plan, plan["body"] + [rng.choice(extras)], broken)
-        return text if text != chosen and score(text, meta) < 1 else None
-
-
-def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool = False) -> str:
+def reject(rng: random.Random, plan: dict, meta: dict, chosen: str) -> str:
     """A plausible response that breaks one constraint, sometimes all; or a counterfactual: the demonstration in a
     format nobody asked for (misfire), or, in a third of the prompts that ask for a format, the format kept and other
     constraints broken. Else a format is only ever seen on the chosen side, and "format = good" is a shortcut a
-    reward model learns instead of the constraints. longer: some get a longer_negative instead."""
+    reward model learns instead of the constraints."""
     if text := misfire(rng, meta, chosen):
         return text
     fams = [c["type"] for c in meta["constraints"]]
@@ -97,7 +88,7 @@ def reject(rng: random.Random, plan: dict, meta: dict, chosen: str, longer: bool
     for broken in attempts:
         text = render(plan, break_length(plan, limit, broken) if "word_limit" in broken else plan["body"], broken)
         if text != chosen and score(text, meta) < 1:
-            return (longer and longer_negative(plan, chosen, text, broken, meta)) or text
+            return text
     raise AssertionError(f"no constraint of {meta['prompt']!r} can be broken")
 
 

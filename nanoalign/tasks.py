@@ -71,7 +71,7 @@ def _prompt(rng: random.Random, request: str, cons: list[dict], split: str) -> s
     return " ".join([request] + stated if rng.random() < 0.5 else stated + [request])
 
 
-def _text_task(rng: random.Random, split: str, longer: bool = False):
+def _text_task(rng: random.Random, split: str):
     """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
     fams = []
@@ -114,7 +114,7 @@ def _text_task(rng: random.Random, split: str, longer: bool = False):
         c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
                                                else max(5, wc // 5 * 5))
     meta = {"prompt": _prompt(rng, request, cons, split), "constraints": cons, "topic": topic, "split": split}
-    return meta, chosen, shortcut(meta, chosen, reject(rng, plan, meta, chosen, longer))
+    return meta, chosen, shortcut(meta, chosen, reject(rng, plan, meta, chosen))
 
 
 def _arithmetic_task(rng: random.Random, split: str):
@@ -132,11 +132,11 @@ def _arithmetic_task(rng: random.Random, split: str):
     return meta, str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
 
 
-def sample_example(rng: random.Random, split: str, longer: bool = False) -> tuple[dict, str, str]:
+def sample_example(rng: random.Random, split: str) -> tuple[dict, str, str]:
     """One task from `split` (train, eval, or paraphrase: eval's in other wordings): (meta, chosen, rejected)."""
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split)
-    while (out := _text_task(rng, split, longer)) is None:
+    while (out := _text_task(rng, split)) is None:
         pass
     return out
 
@@ -147,9 +147,8 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
     os.replace(path + ".tmp", path)
 
 
-def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200,
-         longer_negatives: bool = False) -> dict[str, int]:
-    """Write the six .jsonl files into `out` from `seed`; -> rows per file. longer_negatives: only rejected change."""
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200) -> dict[str, int]:
+    """Write the six .jsonl files into `out` from `seed`; -> rows per file."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -159,7 +158,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, chosen, rejected = sample_example(rng, split, longer_negatives)
+            meta, chosen, rejected = sample_example(rng, split)
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
@@ -185,14 +184,13 @@ class MakeConfig:
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (unseen topics and keywords); as many in eval_prefs and paraphrase
-    longer_negatives: bool = False  # a quarter of the rejected answers shorter than their chosen get a sentence more
 
 
 def make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(cfg.out != "", "--out is required")
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
     cli.check_ranges(cfg, non_negative=("n_sft", "n_prefs", "n_prompts", "n_eval"))
-    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.longer_negatives)
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval)
     print("\n".join(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}" for name, k in counts.items()))
     return counts
 

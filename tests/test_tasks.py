@@ -306,26 +306,6 @@ def test_said_twice_and_the_phrases_alone_are_rejected_in_a_tenth_of_the_prompts
     assert answers.shortcut(m, "Sure. Tea is warm.", "x", p=0.0) == "x"
 
 
-def test_longer_negatives_change_some_rejected_answers_only(made, tmp_path):
-    d, f = made
-    tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--longer-negatives"])
-    for n in ("sft", "prompts", "eval", "paraphrase"):
-        assert (tmp_path / f"{n}.jsonl").read_bytes() == (d / f"{n}.jsonl").read_bytes(), n
-    longer = read(tmp_path, "prefs")
-    assert [(r["prompt"], r["chosen"]) for r in longer] == [(r["prompt"], r["chosen"]) for r in f["prefs"]]
-    changed = [(r, o) for r, o in zip(longer, f["prefs"]) if r["rejected"] != o["rejected"]]
-    assert 0.04 < len(changed) / len(longer) < 0.2
-    for r, o in changed:  # one sentence more than the rejected answer it replaces, and still a real negative
-        assert len(judge.words(o["rejected"])) < len(judge.words(r["rejected"])) and score(r["rejected"], r) < 1.0
-
-    def longer_shorter(rows):  # fraction of pairs whose chosen has more / fewer words than its rejected
-        d = [len(judge.words(r["chosen"])) - len(judge.words(r["rejected"])) for r in rows]
-        return sum(x > 0 for x in d) / len(d), sum(x < 0 for x in d) / len(d)
-    more, fewer = longer_shorter(f["prefs"])
-    more_l, fewer_l = longer_shorter(longer)
-    assert 0 < more - fewer and more_l - fewer_l < more - fewer - 0.02  # chosen is the longer one less often
-
-
 @pytest.mark.parametrize("argv, needle", [
     (["make", "--out", "X", "--n-sft", "-1"], "--n-sft must be >= 0"),
     (["make", "--out", "X", "--n-eval", "-5"], "--n-eval must be >= 0"),
