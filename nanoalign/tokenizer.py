@@ -101,9 +101,10 @@ class Tokenizer:
                 out.append((" " + m["content"].strip() + self.end, True))
         return out
 
-    def _render(self, messages, generation: bool, apart: bool = False):
-        """-> (ids, mask): the pieces joined and tokenized at once; a token is a target if it starts in a target.
-        apart: each piece tokenized on its own, as a sampled response follows its prompt's ids."""
+    def render_chat(self, messages, apart: bool = False, generation: bool = False) -> tuple[list[int], list[int]]:
+        """Whole conversation -> (ids, mask); mask is 1 on assistant content and its end-of-turn token. The pieces are
+        joined and tokenized at once, a token a target if it starts in a target; apart: each piece tokenized on its
+        own, as a sampled response follows its prompt's ids. generation: + the assistant's header (render_prompt)."""
         pieces = getattr(self, "_" + self.family)(messages, generation)
         if apart:
             ids = [self.encode(piece) for piece, _ in pieces]
@@ -115,15 +116,11 @@ class Tokenizer:
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, [int(any(a <= s < b for a, b in spans)) for s, _ in enc.offsets]
 
-    def render_chat(self, messages, apart: bool = False) -> tuple[list[int], list[int]]:
-        """Whole conversation -> (ids, mask); mask is 1 on assistant content and its end-of-turn token."""
-        return self._render(messages, generation=False, apart=apart)
-
     def render_prompt(self, messages) -> list[int]:
         """Conversation so far + the assistant's header: what generation continues from. A string is one user turn."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self._render(messages, generation=True)[0]
+        return self.render_chat(messages, generation=True)[0]
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
