@@ -117,7 +117,6 @@ def build_model(cfg_dict: dict, sd: dict, where: str) -> Transformer:
 
 
 def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer]:
-    check(os.path.isdir(path), f"{path}: no such model directory")
     model, tok = build_model(read_config(path), read_weights(path), path), Tokenizer.from_dir(path)
     check(tok.vocab_size <= model.cfg.vocab_size, f"{path}/tokenizer.json: vocabulary of {tok.vocab_size} tokens "
           f"does not fit the model's embedding of {model.cfg.vocab_size}")
