@@ -48,11 +48,10 @@ class _Help(argparse.HelpFormatter):
 def build_parser(cls, prog=None) -> argparse.ArgumentParser:
     """Flags are the --kebab-case field names. --help shows each field's comment, its default and its choices: a
     str field whose comment holds `{a, b, c}` takes only those values. A bool field is a flag: --x, or --x false."""
-    doc = "" if (cls.__doc__ or "").startswith(cls.__name__ + "(") else cls.__doc__  # not dataclass's own repr
     script = os.path.abspath(sys.argv[0])  # a tool of this package runs as `python -m nanoalign.X`
     default = (f"python -m nanoalign.{os.path.basename(script)[:-3]}" if os.path.dirname(script) ==
                os.path.dirname(os.path.abspath(__file__)) else os.path.basename(script))
-    p = _Parser(prog=prog or default, description=(doc or "").strip(), formatter_class=_Help)
+    p = _Parser(prog=prog or default, description=cls.__doc__.strip(), formatter_class=_Help)
     comments = {}  # {name: comment} for each `name: type = default  # comment` line, a subclass's winning
     for c in reversed(cls.__mro__[:-1]):
         try:
