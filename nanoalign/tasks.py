@@ -279,10 +279,9 @@ def pairs_main(cfg: PairsConfig) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["make"]:
-        return cli.run(make_main, MakeConfig, argv[1:], prog="python -m nanoalign.tasks make")
-    if argv[:1] == ["pairs"]:
-        return cli.run(pairs_main, PairsConfig, argv[1:], prog="python -m nanoalign.tasks pairs")
+    commands = {"make": (make_main, MakeConfig), "pairs": (pairs_main, PairsConfig)}
+    if argv[:1] and argv[0] in commands:
+        return cli.run(*commands[argv[0]], argv[1:], prog=f"python -m nanoalign.tasks {argv[0]}")
     if argv[:1] not in (["-h"], ["--help"]):
         print(f"error: usage: {USAGE}", file=sys.stderr)
         sys.exit(2)
