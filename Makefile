@@ -26,8 +26,11 @@ test: $(STAMP)
 # held-out prompts; sized for ~10 minutes on 2 CPU cores. GOLD=1 adds a PPO run against the gold judge (RL with a
 # verifiable reward); LONG=1 is a longer run into out/long. The PPO run is PPO-ptx with RLOO advantages and the RM's
 # scores normalised on the first rollout: why each choice, with the validation runs behind it, is in docs/ppo_rm.md.
+# ONLINE=1 adds one online DPO round after the DPO (`make iterate` below, ~2.5 minutes more): the DPO's own samples,
+# the gold judge's best vs worst, and each chosen answer also rejected in a format its prompt did not ask for.
 LONG    ?= 0
 GOLD    ?= 0
+ONLINE  ?= 0
 SEED    ?= 0
 ifeq ($(LONG),1)
 DEMO      := out/long
@@ -69,10 +72,14 @@ ifeq ($(GOLD),1)
 		--out $(DEMO)/ppo_gold $(LORA) --lr 3e-4 --rollout-batch 16 --minibatch-size 8 --ppo-epochs 4 \
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(GOLD_STEPS) --log-every 1
 endif
+ifeq ($(ONLINE),1)
+	$(MAKE) -s iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 ROUND_STEPS=40 \
+		PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
+endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
 		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
-		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold)
+		$(if $(filter 1,$(GOLD)),ppo_gold=$(DEMO)/ppo_gold) $(if $(filter 1,$(ONLINE)),online=$(DEMO)/online/round1)
 	$(BIN)/python -m nanoalign.report $(DEMO) --out $(DEMO)/report
 
 # Does the demo's gain transfer? Its models on the paraphrase split (held-out wordings and topics), the RM's probe
@@ -86,7 +93,8 @@ transfer: $(STAMP)
 	$(BIN)/python -m nanoalign.tasks make --out $(DEMO)/transfer_data --seed 0 --n-eval $(N_PARA)
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DEMO)/transfer_data/paraphrase.jsonl --ref $(DEMO)/sft \
 		--limit $(N_PARA) --batch-size 64 --max-new-tokens 64 --bf16 --out $(DEMO)/paraphrase.json \
-		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo
+		--compare base=smollm2-135m-instruct sft=$(DEMO)/sft dpo=$(DEMO)/dpo ppo=$(DEMO)/ppo \
+		$(if $(wildcard $(DEMO)/online/round1),online=$(DEMO)/online/round1)
 	$(EVAL_PAIRS)
 	$(BIN)/python -m nanoalign.probe --rm $(DEMO)/rm --prompts $(DATA)/eval.jsonl --prefs $(DEMO)/onpolicy_pairs.jsonl \
 		--out $(DEMO)/probe.json
@@ -117,7 +125,7 @@ onpolicy-rm: $(STAMP)
 # dir) keeps the best and the worst (`nanoalign.tasks pairs`), and DPO trains from that policy on those pairs, so the
 # round's reference is the last round's policy. The rounds sample at ROUND_T, the temperature the policy is evaluated
 # at: at 1.0 the best of 4 is often garbled text, which RPO's NLL term then trains on. Then every round's policy
-# (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE:
+# (round0 = BASE) is evaluated on EVAL, the paraphrase split, with KL to BASE (EVAL= skips it):
 #   make iterate BASE=out/demo/sft PROMPTS=out/demo/data/prompts.jsonl ROUNDS=2 K=4 JUDGE=gold OUT=out/iterate
 ROUNDS  ?= 2
 BASE    ?= out/demo/sft
@@ -143,8 +151,8 @@ iterate: $(STAMP)
 			--max-steps $(ROUND_STEPS) $(DPO_ARGS); \
 		policy=$(OUT)/round$$r; models="$$models round$$r=$$policy"; \
 	done; \
-	$(BIN)/python -m nanoalign.evaluate --prompts $(EVAL) --ref $(BASE) --compare $$models $(EVAL_ARGS) \
-		--out $(OUT)/results.json
+	$(if $(EVAL),$(BIN)/python -m nanoalign.evaluate --prompts $(EVAL) --ref $(BASE) --compare $$models $(EVAL_ARGS) \
+		--out $(OUT)/results.json)
 
 clean:
 	rm -rf $(VENV) out

@@ -2,6 +2,7 @@
 checkpoint as in the Makefile, and each stage's own metric must move the right way; and `make iterate`'s rounds."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,24 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
     for name in ("round1", "round2"):
         assert res[name]["n"] == 4 and res[name]["kl"] != 0.0 and "unrequested_rate" in res[name]
         assert res[name]["examples"][0]["prompt"] in paraphrase
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_online_adds_one_counterfactual_round_from_the_dpo_to_the_table():
+    """`make demo ONLINE=1`, dry-run: one `make iterate` round from the demo's DPO, on its PPO prompts, with
+    counterfactual pairs and 40 steps, no evaluation of its own, and its policy a row of the demo's table."""
+    dry = lambda *args: subprocess.run(["make", "-n", "-o", ".venv/.installed", "demo", "BIN=bin", *args], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=60)
+    plain, online = dry(), dry("ONLINE=1")
+    assert plain.returncode == online.returncode == 0, online.stderr
+    assert "online" not in plain.stdout
+    text = online.stdout.replace("\\\n", " ")
+    assert "policy=out/demo/dpo;" in text and "for r in $(seq 1);" in text
+    assert re.search(r"nanoalign\.tasks pairs --model \$policy [^;]* --counterfactuals;", text)
+    assert "out/demo/data/prompts.jsonl > out/demo/online/prompts$r.jsonl" in text
+    assert re.search(r"train_dpo.py --init \$policy [^;]*--out out/demo/online/round\$r\s+--max-steps 40 ", text)
+    evaluations = [line for line in text.splitlines() if "nanoalign.evaluate" in line]
+    assert len(evaluations) == 1 and "online=out/demo/online/round1" in evaluations[0]  # the demo's, not the round's
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
