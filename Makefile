@@ -73,7 +73,7 @@ ifeq ($(GOLD),1)
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(GOLD_STEPS) --log-every 1
 endif
 ifeq ($(ONLINE),1)
-	$(MAKE) -s iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 ROUND_STEPS=40 \
+	$(MAKE) -s -o $(STAMP) iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 ROUND_STEPS=40 \
 		PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
 endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
