@@ -73,8 +73,8 @@ ifeq ($(GOLD),1)
 		--max-new-tokens 64 --kl-coef 0.05 --max-steps $(GOLD_STEPS) --log-every 1
 endif
 ifeq ($(ONLINE),1)
-	$(MAKE) -s -o $(STAMP) iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 ROUND_STEPS=40 \
-		PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
+	$(MAKE) -s -o $(STAMP) iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 \
+		ROUND_STEPS=40 PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
 endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \
