@@ -39,13 +39,15 @@ CONFLICTS = {frozenset(p) for p in [("bullets", "quotes"), ("bullets", "json"), 
 with open(os.path.join(os.path.dirname(__file__), "assets", "topics.json"), encoding="utf-8") as _f:
     TOPICS = {topic: tuple(sentences) for topic, sentences in json.load(_f).items()}
 # "phrases" for the answers (keywords, the sentences that carry them, start and end phrases, JSON keys, function
-# words), and the wordings of requests and constraints: "train" for every file but paraphrase.jsonl, which has its own
+# words), and the wordings of requests and constraints: "train" for every file but paraphrase.jsonl, which has its own,
+# and "validation", a third set that words the training files only when asked (`make --wordings validation`)
 with open(os.path.join(os.path.dirname(__file__), "assets", "templates.json"), encoding="utf-8") as _f:
     TEMPLATES = json.load(_f)
 PHRASES, KEYWORDS = TEMPLATES["phrases"], tuple(TEMPLATES["phrases"]["keywords"])
+# words an "avoid" constraint never names: function words and every word of our own templates and phrases (not the
+# validation wordings': then the same seed draws the same tasks in either wording)
+_NEVER_AVOID = set(re.findall(r"[a-z]+", json.dumps({k: v for k, v in TEMPLATES.items() if k != "validation"}).lower()))
 TEMPLATES["eval"] = TEMPLATES["train"]  # held-out topics, in the training wordings
-# words an "avoid" constraint never names: function words and every word of our own templates and phrases
-_NEVER_AVOID = set(re.findall(r"[a-z]+", json.dumps(TEMPLATES).lower()))
 
 
 def _split(names, every):  # fixed and seed-independent: every `every`-th name in sorted order is held out
@@ -59,19 +61,19 @@ TRAIN_VOCAB = {w for t in TOPIC_SPLIT["train"] for s in TOPICS[t] for w in re.fi
 
 
 # ------------------------------------------------------------------------------------- demonstrations and pairs
-def wordings(c: dict, split: str) -> list[str]:
-    """Every sentence that may state constraint `c` in a prompt of `split`."""
+def wordings(c: dict, templates: dict) -> list[str]:
+    """Every sentence that may state constraint `c` in one set of wordings (TEMPLATES[...])."""
     key = {"case": c["value"], "word_limit": c.get("relation")}.get(c["type"], c["type"])  # lower/upper, at_most/...
-    return [t.format(c["value"]) for t in TEMPLATES[split][key]]
+    return [t.format(c["value"]) for t in templates[key]]
 
 
-def _prompt(rng: random.Random, request: str, cons: list[dict], split: str) -> str:
+def _prompt(rng: random.Random, request: str, cons: list[dict], templates: dict) -> str:
     """The request and one wording of each constraint, the constraints first or last at random."""
-    stated = [rng.choice(wordings(c, split)) for c in cons]
+    stated = [rng.choice(wordings(c, templates)) for c in cons]
     return " ".join([request] + stated if rng.random() < 0.5 else stated + [request])
 
 
-def _text_task(rng: random.Random, split: str):
+def _text_task(rng: random.Random, split: str, templates: dict):
     """(meta, chosen, rejected) for a topic request with 1-3 compatible constraints, or None to resample."""
     topic, want = rng.choice(TOPIC_SPLIT[split]), rng.choice((1, 2, 2, 3, 3))
     fams = []
@@ -82,7 +84,7 @@ def _text_task(rng: random.Random, split: str):
     rng.shuffle(facts)
     is_tip = "bullets" not in fams and rng.random() < 0.3
     pool = [tip] + facts if is_tip else facts + [tip]  # the natural order to draw sentences in
-    request = rng.choice(TEMPLATES[split]["tip" if is_tip else "describe"]).format(topic)
+    request = rng.choice(templates["tip" if is_tip else "describe"]).format(topic)
     v = {"no_commas": True, "quotes": True}
     v["case"] = "lower" if "json" in fams else rng.choice(("lower", "upper"))  # the JSON key is lowercase
     recase = {"lower": str.lower, "upper": str.upper}[v["case"]] if "case" in fams else str
@@ -113,11 +115,11 @@ def _text_task(rng: random.Random, split: str):
         wc = len(words(chosen))
         c["relation"], c["value"] = relation, (-(-wc // 5) * 5 + rng.choice((0, 5)) if relation == "at_most"
                                                else max(5, wc // 5 * 5))
-    meta = {"prompt": _prompt(rng, request, cons, split), "constraints": cons, "topic": topic, "split": split}
+    meta = {"prompt": _prompt(rng, request, cons, templates), "constraints": cons, "topic": topic, "split": split}
     return meta, chosen, shortcut(meta, chosen, reject(rng, plan, meta, chosen))
 
 
-def _arithmetic_task(rng: random.Random, split: str):
+def _arithmetic_task(rng: random.Random, split: str, templates: dict):
     while True:
         op = rng.choice("+-*")
         a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 40), rng.randint(2, 40))
@@ -126,17 +128,19 @@ def _arithmetic_task(rng: random.Random, split: str):
             break
     answer, expr = (a + b if op == "+" else a - b if op == "-" else a * b), f"{a} {op} {b}"
     cons = [{"type": "arithmetic", "value": answer, "expr": expr}]
-    meta = {"prompt": _prompt(rng, rng.choice(TEMPLATES[split]["compute"]).format(expr), cons, split),
+    meta = {"prompt": _prompt(rng, rng.choice(templates["compute"]).format(expr), cons, templates),
             "constraints": cons, "topic": "arithmetic", "split": split}
     wrong = (f"The answer is {answer}.", f"{expr} = {answer}", str(answer + rng.choice((-2, -1, 1, 10))))
     return meta, str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
 
 
-def sample_example(rng: random.Random, split: str) -> tuple[dict, str, str]:
-    """One task from `split` (train, eval, or paraphrase: eval's in other wordings): (meta, chosen, rejected)."""
+def sample_example(rng: random.Random, split: str, wordings: str = "") -> tuple[dict, str, str]:
+    """One task from `split` (train, eval, or paraphrase: eval's in other wordings), in the split's wordings or
+    TEMPLATES[wordings]: (meta, chosen, rejected)."""
+    templates = TEMPLATES[wordings or split]
     if rng.random() < 0.1:
-        return _arithmetic_task(rng, split)
-    while (out := _text_task(rng, split)) is None:
+        return _arithmetic_task(rng, split, templates)
+    while (out := _text_task(rng, split, templates)) is None:
         pass
     return out
 
@@ -147,8 +151,8 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
     os.replace(path + ".tmp", path)
 
 
-def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200) -> dict[str, int]:
-    """Write the six .jsonl files into `out` from `seed`; -> rows per file."""
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200, wordings="train") -> dict[str, int]:
+    """Write the six .jsonl files into `out` from `seed`, the training files in `wordings`; -> rows per file."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -158,7 +162,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, chosen, rejected = sample_example(rng, split)
+            meta, chosen, rejected = sample_example(rng, split, wordings if split == "train" else "")
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
@@ -184,13 +188,14 @@ class MakeConfig:
     n_prefs: int = 2000  # off-policy preference pairs
     n_prompts: int = 512  # PPO prompts
     n_eval: int = 200  # held-out eval prompts (unseen topics and keywords); as many in eval_prefs and paraphrase
+    wordings: str = "train"  # of sft, prefs and prompts: {train, validation}, a third set for tuning on other phrasings
 
 
 def make_main(cfg: MakeConfig) -> dict[str, int]:
     cli.check(cfg.out != "", "--out is required")
     cli.check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"--out {cfg.out}: not a directory")
     cli.check_ranges(cfg, non_negative=("n_sft", "n_prefs", "n_prompts", "n_eval"))
-    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval)
+    counts = make(cfg.out, cfg.seed, cfg.n_sft, cfg.n_prefs, cfg.n_prompts, cfg.n_eval, cfg.wordings)
     print("\n".join(f"wrote {k} rows to {os.path.join(cfg.out, name + '.jsonl')}" for name, k in counts.items()))
     return counts
 

@@ -198,7 +198,7 @@ def test_constraints_are_compatible_and_stated_in_the_prompt(made):
             if "json" in types:
                 assert {"type": "case", "value": "upper"} not in r["constraints"]
             for x in r["constraints"]:
-                assert any(w in prompt for w in tasks.wordings(x, r["split"])), (x, prompt)
+                assert any(w in prompt for w in tasks.wordings(x, tasks.TEMPLATES[r["split"]])), (x, prompt)
                 assert x["type"] != "arithmetic" or x["expr"] in prompt
         assert seen == set(tasks.FAMILIES), name
         assert counts == {1, 2, 3}, (name, counts)  # one to three constraints per prompt, each count occurring
@@ -261,6 +261,30 @@ def test_paraphrase_wordings_never_appear_in_training_and_vice_versa(made):
                 assert len(literal(t)) >= 8 and not any(literal(t) in p for p in rows), (own, key, t)
         for t in (t for templates in tasks.TEMPLATES[own].values() for t in templates):
             assert any(literal(t) in p for p in rows), (own, t)  # and every wording of its own is used
+
+
+def test_validation_wordings_word_the_same_tasks_and_appear_in_no_default_file(made, tmp_path):
+    # `make --wordings validation` words the training files with a third set, to tune for other phrasings on a seed
+    # of one's own: the same seed draws the same tasks (only the sentences change), and no default file uses them
+    d, f = made
+    tasks.main(["make", "--out", str(tmp_path), "--seed", "3", "--n-sft", "50", "--n-prefs", "50", "--n-eval", "20",
+                "--wordings", "validation"])
+    texts = lambda rows: [r["prompt"] if "prompt" in r else r["messages"][0]["content"] for r in rows]
+    default = texts(f["sft"] + f["prefs"] + f["prompts"] + f["eval"] + f["paraphrase"])
+    own = texts(read(tmp_path, "sft") + read(tmp_path, "prefs") + read(tmp_path, "prompts"))
+    for key, templates in tasks.TEMPLATES["validation"].items():
+        for t in templates:
+            assert len(literal(t)) >= 6 and not any(literal(t) in p for p in default), (key, t)
+    for t in (t for split in ("train", "paraphrase") for ts in tasks.TEMPLATES[split].values() for t in ts):
+        assert not any(literal(t) in p for p in own), t
+    assert sorted(tasks.TEMPLATES["validation"]) == sorted(tasks.TEMPLATES["train"])
+    for name in ("sft", "prefs", "prompts"):
+        mine, theirs = read(tmp_path, name), f[name][:len(read(tmp_path, name))]
+        assert [(r["constraints"], r["topic"]) for r in mine] == [(r["constraints"], r["topic"]) for r in theirs]
+        assert all(p != q for p, q in zip(texts(mine), texts(theirs)))
+    assert read(tmp_path, "eval") == f["eval"][:20] and read(tmp_path, "paraphrase") == f["paraphrase"][:20]
+    for name, key in (("sft", lambda r: r["messages"][1]["content"]), ("prefs", lambda r: r["chosen"])):
+        assert [key(r) for r in read(tmp_path, name)] == [key(r) for r in f[name][:50]]  # the same demonstrations
 
 
 def test_training_prompts_vary_their_wording_and_where_the_constraints_go(made):
