@@ -135,8 +135,7 @@ def _arithmetic_task(rng: random.Random, split: str, templates: dict):
 
 
 def sample_example(rng: random.Random, split: str, wordings: str = "") -> tuple[dict, str, str]:
-    """One task from `split` (train, eval, or paraphrase: eval's in other wordings), in the split's wordings or
-    TEMPLATES[wordings]: (meta, chosen, rejected)."""
+    """One task from `split` (train, eval or paraphrase) in TEMPLATES[wordings or split]: (meta, chosen, rejected)."""
     templates = TEMPLATES[wordings or split]
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split, templates)
