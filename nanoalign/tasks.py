@@ -134,9 +134,9 @@ def _arithmetic_task(rng: random.Random, split: str, templates: dict):
     return meta, str(answer), misfire(rng, meta, str(answer)) or rng.choice(wrong)
 
 
-def sample_example(rng: random.Random, split: str, wordings: str = "") -> tuple[dict, str, str]:
-    """One task from `split` (train, eval or paraphrase) in TEMPLATES[wordings or split]: (meta, chosen, rejected)."""
-    templates = TEMPLATES[wordings or split]
+def sample_example(rng: random.Random, split: str, wording: str = "") -> tuple[dict, str, str]:
+    """One task from `split` (train, eval or paraphrase) in TEMPLATES[wording or split]: (meta, chosen, rejected)."""
+    templates = TEMPLATES[wording or split]
     if rng.random() < 0.1:
         return _arithmetic_task(rng, split, templates)
     while (out := _text_task(rng, split, templates)) is None:
@@ -150,8 +150,8 @@ def write_jsonl(path: str, rows: list[dict]):  # through a temporary file: reade
     os.replace(path + ".tmp", path)
 
 
-def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200, wordings="train") -> dict[str, int]:
-    """Write the six .jsonl files into `out` from `seed`, the training files in `wordings`; -> rows per file."""
+def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=200, wording="train") -> dict[str, int]:
+    """Write the six .jsonl files into `out` from `seed`, the training files in `wording`; -> rows per file."""
     os.makedirs(out, exist_ok=True)
     counts = {}
     for name, split, n in (("sft", "train", n_sft), ("prefs", "train", n_prefs), ("prompts", "train", n_prompts),
@@ -161,7 +161,7 @@ def make(out: str, seed: int, n_sft=2000, n_prefs=2000, n_prompts=512, n_eval=20
         for _ in range(20 * n + 100):  # distinct prompts per file; bounded in case the pool runs dry
             if len(rows) == n:
                 break
-            meta, chosen, rejected = sample_example(rng, split, wordings if split == "train" else "")
+            meta, chosen, rejected = sample_example(rng, split, wording if split == "train" else "")
             if meta["prompt"] in seen:
                 continue
             seen.add(meta["prompt"])
