@@ -25,7 +25,7 @@ import sys
 
 from . import cli
 from .answers import misfire, reject, render, shortcut
-from .judge import FAMILIES, check_rows, has_word, words
+from .judge import FAMILIES, check_rows, has_word, unrequested, words
 
 USAGE = "python -m nanoalign.tasks {make,pairs} [--help] [flags]"
 TEXT_FAMILIES = FAMILIES[:-1]  # arithmetic always stands alone
@@ -268,8 +268,10 @@ def pairs_main(cfg: PairsConfig) -> dict:
     cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
               "the same); try a higher --temperature or a larger --k")
     if cfg.counterfactuals:  # an unasked format is one failed constraint of several: best and worst rarely differ
-        rng = random.Random(f"{cfg.seed}/counterfactuals")  # by one alone, so misfire adds such pairs
-        bad = [misfire(rng, p, p["chosen"], 1.0) for p in pairs]
+        rng = random.Random(f"{cfg.seed}/counterfactuals")  # by one alone, so these pairs add it. Lowercase goes
+        # first where the case is free: it is the format a policy slips into on wordings it has not seen
+        bad = [low if (low := p["chosen"].lower()) != p["chosen"] and "lowercase" in unrequested(low, p)
+               else misfire(rng, p, p["chosen"], 1.0) for p in pairs]
         extra = [{**p, "rejected": b} for p, b in zip(pairs, bad) if b not in (None, p["chosen"])]
         for p, s in zip(extra, judge(extra, [p["rejected"] for p in extra])):
             p["rejected_score"] = s

@@ -436,9 +436,10 @@ def test_pairs_cli_with_gold_judge(tmp_path, monkeypatch, capsys):
 def test_pairs_counterfactuals_reject_each_chosen_answer_in_a_format_nobody_asked_for(tmp_path, monkeypatch):
     from nanoalign import evaluate
     cons = [{"type": "case", "value": "lower"}, {"type": "no_commas", "value": True}]
+    free = [{"type": "no_commas", "value": True}]  # ice leaves the case free: its counterfactual is lowercase
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Describe {t}.", "constraints": cons, "id": t}) + "\n"
-                               for t in ("tea", "milk", "ice")))
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe {t}.", "constraints": c, "id": t}) + "\n"
+                               for t, c in (("tea", cons), ("milk", cons), ("ice", free))))
     monkeypatch.setattr(evaluate, "sample", stub_sample)
     out = tmp_path / "pairs.jsonl"
     tasks.main(["pairs", "--model", "tiny", "--prompts", str(prompts), "--k", "6", "--counterfactuals", "--out",
@@ -449,7 +450,8 @@ def test_pairs_counterfactuals_reject_each_chosen_answer_in_a_format_nobody_aske
         assert (extra["chosen"], extra["chosen_score"]) == (pair["chosen"], pair["chosen_score"])
         assert judge.unrequested(extra["rejected"], extra) and not judge.unrequested(extra["chosen"], extra)
         assert extra["rejected_score"] == score(extra["rejected"], extra) < extra["chosen_score"]
-        assert extra["chosen"].rstrip(".") in extra["rejected"]  # the same words, in quotes, JSON or bullets
+        assert extra["chosen"].rstrip(".").lower() in extra["rejected"].lower()  # the same words, in a new format
+    assert (rows[3]["chosen"], rows[3]["rejected"]) == (HALF, HALF.lower())
 
 
 def test_pairs_on_tiny_model_with_rm_judge_are_deterministic_per_seed(made, rm_dir, tmp_path):
