@@ -268,8 +268,8 @@ def pairs_main(cfg: PairsConfig) -> dict:
     cli.check(bool(pairs), f"{cfg.prompts}: no pairs left: all {len(rows)} prompts tied (every completion scored "
               "the same); try a higher --temperature or a larger --k")
     if cfg.counterfactuals:  # an unasked format is one failed constraint of several: best and worst rarely differ
-        rng = random.Random(f"{cfg.seed}/counterfactuals")  # by one alone, so these pairs add it. Lowercase goes
-        # first where the case is free: it is the format a policy slips into on wordings it has not seen
+        rng = random.Random(f"{cfg.seed}/counterfactuals")  # by it alone, so each chosen answer is also rejected in
+        # one: lowercased where the case is free (what a policy slips into on unseen wordings), else a misfire
         bad = [low if (low := p["chosen"].lower()) != p["chosen"] and "lowercase" in unrequested(low, p)
                else misfire(rng, p, p["chosen"], 1.0) for p in pairs]
         extra = [{**p, "rejected": b} for p, b in zip(pairs, bad) if b not in (None, p["chosen"])]
