@@ -26,8 +26,9 @@ test: $(STAMP)
 # held-out prompts; sized for ~10 minutes on 2 CPU cores. GOLD=1 adds a PPO run against the gold judge (RL with a
 # verifiable reward); LONG=1 is a longer run into out/long. The PPO run is PPO-ptx with RLOO advantages and the RM's
 # scores normalised on the first rollout: why each choice, with the validation runs behind it, is in docs/ppo_rm.md.
-# ONLINE=1 adds one online DPO round after the DPO (`make iterate` below, ~2.5 minutes more): the DPO's own samples,
-# the gold judge's best vs worst, and each chosen answer also rejected in a format its prompt did not ask for.
+# ONLINE=1 adds one online DPO round after the DPO (`make iterate` below, ~2 minutes more): the DPO's own samples on
+# 96 prompts, the gold judge's best vs worst, and each chosen answer also rejected in a format its prompt did not ask
+# for; 30 DPO steps.
 LONG    ?= 0
 GOLD    ?= 0
 ONLINE  ?= 0
@@ -74,7 +75,7 @@ ifeq ($(GOLD),1)
 endif
 ifeq ($(ONLINE),1)
 	$(MAKE) -s -o $(STAMP) iterate BASE=$(DEMO)/dpo PROMPTS=$(DATA)/prompts.jsonl OUT=$(DEMO)/online ROUNDS=1 \
-		ROUND_STEPS=40 PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
+		PER_ROUND=96 ROUND_STEPS=30 PAIRS_ARGS="$(PAIRS_ARGS) --counterfactuals" EVAL=
 endif
 	$(BIN)/python -m nanoalign.evaluate --prompts $(DATA)/eval.jsonl --ref $(DEMO)/sft --limit $(N_EVAL) --batch-size 64 \
 		--max-new-tokens 64 --bf16 --rm $(DEMO)/rm --prefs $(DATA)/eval_prefs.jsonl --out $(DEMO)/results.json \

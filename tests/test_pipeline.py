@@ -109,7 +109,7 @@ def test_make_iterate_chains_rounds_of_sampling_judging_and_dpo(tmp_path, rm_dir
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_demo_online_adds_one_counterfactual_round_from_the_dpo_to_the_table():
     """`make demo ONLINE=1`, dry-run: one `make iterate` round from the demo's DPO, on its PPO prompts, with
-    counterfactual pairs and 40 steps, no evaluation of its own, and its policy a row of the demo's table. The round's
+    counterfactual pairs and 30 steps, no evaluation of its own, and its policy a row of the demo's table. The round's
     make does not set up the venv again: `-o` (the demo's own prerequisite, already made) does not reach a sub-make."""
     venv = "/nonexistent-venv"  # a stamp that is never up to date, unless -o says so
     dry = lambda *args: subprocess.run(["make", "-n", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", "BIN=bin",
@@ -120,8 +120,8 @@ def test_make_demo_online_adds_one_counterfactual_round_from_the_dpo_to_the_tabl
     text = online.stdout.replace("\\\n", " ")
     assert "policy=out/demo/dpo;" in text and "for r in $(seq 1);" in text
     assert re.search(r"nanoalign\.tasks pairs --model \$policy [^;]* --counterfactuals;", text)
-    assert "out/demo/data/prompts.jsonl > out/demo/online/prompts$r.jsonl" in text
-    assert re.search(r"train_dpo.py --init \$policy [^;]*--out out/demo/online/round\$r\s+--max-steps 40 ", text)
+    assert "$(( r * 96 ))p\" out/demo/data/prompts.jsonl > out/demo/online/prompts$r.jsonl" in text  # 96 prompts
+    assert re.search(r"train_dpo.py --init \$policy [^;]*--out out/demo/online/round\$r\s+--max-steps 30 ", text)
     evaluations = [line for line in text.splitlines() if "nanoalign.evaluate" in line]
     assert len(evaluations) == 1 and "online=out/demo/online/round1" in evaluations[0]  # the demo's, not the round's
 
