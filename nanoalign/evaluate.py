@@ -205,7 +205,7 @@ class Config:
     seed: int = 0  # sampling seed (the same for every model)
     out: str = ""  # results JSON path
     device: str = "cpu"  # cpu or cuda
-    bf16: bool = False  # bf16 copies to sample from, bf16 autocast for the KL's forwards (log-probs stay fp32)
+    bf16: bool = False  # bf16 copies to sample from; bf16 autocast for the KL's and the pair accuracy's forwards
 
 
 def main(cfg: Config) -> dict:
@@ -233,8 +233,10 @@ def main(cfg: Config) -> dict:
             load(path)  # no such model: raises the UserError that names it before reading any weights
     judge = make_judge(cfg.judge, cfg.device)
     rm_acc = {}
-    if prefs:  # a few forward passes: done now, so that a wrong --rm fails before the sampling too
-        rm_acc = rm_accuracy(*load_rm(cfg.rm or cfg.judge, cfg.device), prefs)
+    if prefs:  # a few forward passes, done now so that a wrong --rm fails before the sampling; --bf16: the RM's
+        # trunk under the autocast it was trained with (its score head reads fp32: last_token_rewards)
+        with torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.bf16):
+            rm_acc = rm_accuracy(*load_rm(cfg.rm or cfg.judge, cfg.device), prefs)
         print(f"reward model {cfg.rm or cfg.judge}: pair accuracy {rm_acc['rm_accuracy']:.3f} on {cfg.prefs} "
               f"(n={rm_acc['rm_n']})", flush=True)
     # 2. the reference's samples, judged once, for every model's win rate

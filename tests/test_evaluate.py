@@ -288,6 +288,20 @@ def test_rm_judge_reports_accuracy_on_prefs(suite, rm_dir, tmp_path):
     assert res["rm_margin"] == pytest.approx(sum(b - a for a, b in zip(ch, rj)) / len(prefs), abs=1e-5)
 
 
+def test_rm_accuracy_under_bf16_autocasts_the_rm(suite, rm_dir):
+    """--bf16 reads the RM's pair accuracy under the autocast the RM trains with: the bf16 margins, not fp32's."""
+    rm, tok = hub.load(str(rm_dir))
+    prefs = read_prefs(str(suite / "prefs.jsonl"))
+    with torch.autocast("cpu", torch.bfloat16):
+        want = evaluate.rm_accuracy(rm.eval(), tok, prefs)
+    fp32 = evaluate.rm_accuracy(rm, tok, prefs)
+    res = evaluate.main(evaluate.Config(model="tiny", prompts=str(suite / "eval.jsonl"), rm=str(rm_dir),
+                                        prefs=str(suite / "prefs.jsonl"), limit=1, max_new_tokens=2, bf16=True))
+    assert res["rm_margin"] == pytest.approx(want["rm_margin"], abs=1e-6)
+    assert res["rm_accuracy"] == want["rm_accuracy"]
+    assert abs(want["rm_margin"] - fp32["rm_margin"]) > 1e-5  # bf16 rounding shows: the autocast path was taken
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("args, needle", [
     ([], "exactly one of --model or --compare"),
