@@ -233,8 +233,7 @@ def main(cfg: Config) -> dict:
             load(path)  # no such model: raises the UserError that names it before reading any weights
     judge = make_judge(cfg.judge, cfg.device)
     rm_acc = {}
-    if prefs:  # a few forward passes, done now so that a wrong --rm fails before the sampling; --bf16: the RM's
-        # trunk under the autocast it was trained with (its score head reads fp32: last_token_rewards)
+    if prefs:  # done before the sampling, so that a wrong --rm fails early; --bf16: the RM's training autocast
         with torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.bf16):
             rm_acc = rm_accuracy(*load_rm(cfg.rm or cfg.judge, cfg.device), prefs)
         print(f"reward model {cfg.rm or cfg.judge}: pair accuracy {rm_acc['rm_accuracy']:.3f} on {cfg.prefs} "
